@@ -1,0 +1,99 @@
+"""Eager PyTorch references of every op in ltm_kernels: the one definition of the math that tests,
+benchmarks and the CPU fallback share. Plain tensor ops, no fusion, readable first."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def kl_ref(mu: Tensor, logvar: Tensor) -> Tensor:
+    """Elementwise KL(N(mu, exp(logvar)) || N(0, 1)); sum it over latent dimensions for the KL of q."""
+    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+
+
+def _adamw_(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+    lr: float, step: int, beta1: float, beta2: float, eps: float, weight_decay: float,
+) -> None:
+    # The op order of torch.optim.AdamW's single-tensor path, so that the two agree to rounding.
+    param.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = lr / bias_correction1
+    denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+@torch.no_grad()
+def posterior_step_ref(
+    mu: Tensor, logvar: Tensor,
+    exp_avg_mu: Tensor, exp_avg_sq_mu: Tensor, exp_avg_logvar: Tensor, exp_avg_sq_logvar: Tensor,
+    z: Tensor, grad_z: Tensor, noise: Tensor,
+    lr: float, step: int, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+    weight_decay: float = 0.01,
+) -> None:
+    """One AdamW step on (mu, logvar) of the loss CE(z) + sum KL(mu, logvar), then the next sample z.
+
+    grad_z is dCE/dz at the current sample z = mu + noise * exp(logvar / 2); `step` is 1-based (the number
+    of updates including this one). Updates mu, logvar, the four moments and z in place.
+    """
+    sigma = torch.exp(0.5 * logvar)
+    g_mu = grad_z + mu  # dz/dmu = 1; dKL/dmu = mu
+    g_lv = 0.5 * grad_z * noise * sigma + 0.5 * (torch.exp(logvar) - 1)  # dz/dlogvar = noise*sigma/2
+    _adamw_(mu, g_mu, exp_avg_mu, exp_avg_sq_mu, lr, step, beta1, beta2, eps, weight_decay)
+    _adamw_(logvar, g_lv, exp_avg_logvar, exp_avg_sq_logvar, lr, step, beta1, beta2, eps, weight_decay)
+    z.copy_(mu + noise * torch.exp(0.5 * logvar))
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half types, otherwise the tensor's own (fp64 tests stay in fp64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Published RMSNorm: statistics in fp32, normalised x cast back to x's dtype, then scaled."""
+    xf = x.to(_compute_dtype(x.dtype))
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return normed.to(x.dtype) * weight
+
+
+def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def apply_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[..., 2i], x[..., 2i+1]) of x (..., L, hd) by the angles in cos/sin (L, hd/2)."""
+    xf = x.to(torch.promote_types(x.dtype, cos.dtype)).unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+def sliding_window_mask(n_tokens: int, window: int, device=None) -> torch.Tensor:
+    """(N, N) boolean mask, True where query i may attend key j: i - window < j <= i."""
+    i = torch.arange(n_tokens, device=device)[:, None]
+    j = torch.arange(n_tokens, device=device)[None, :]
+    return (j <= i) & (j > i - window)
+
+
+def self_attention_ref(q, k, v, cos, sin, window: int) -> torch.Tensor:
+    """Causal sliding-window attention with RoPE on q and k; q, k, v: (B, H, N, hd)."""
+    mask = sliding_window_mask(q.shape[-2], window, q.device)
+    return F.scaled_dot_product_attention(apply_rope_ref(q, cos, sin), apply_rope_ref(k, cos, sin), v,
+                                          attn_mask=mask)
+
+
+def latent_attention_ref(q, k, v, cos_q, sin_q, cos_k, sin_k) -> torch.Tensor:
+    """Tokens attend to all M latents of their layer; q: (B, H, N, hd), k, v: (B, H, M, hd); RoPE on q and k."""
+    return F.scaled_dot_product_attention(apply_rope_ref(q, cos_q, sin_q), apply_rope_ref(k, cos_k, sin_k), v)
+
+
+def lm_head_nll_ref(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-sequence summed cross-entropy (B,) of logits = hidden @ weight.T; targets == -1 ignored."""
+    logits = F.linear(hidden, weight)
+    logits = logits.to(_compute_dtype(logits.dtype))
+    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
+    return nll.view(targets.shape).sum(-1)

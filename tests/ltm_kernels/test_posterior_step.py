@@ -1,0 +1,263 @@
+"""ltm::posterior_step (C++ CPU kernel) against posterior_step_ref, and the reference against autograd +
+torch.optim.AdamW, which proves the op is AdamW on the right gradients."""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ltm_kernels
+from ltm_kernels import extension_status, kl_ref, posterior_step, posterior_step_ref
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+NAMES = ["mu", "logvar", "exp_avg_mu", "exp_avg_sq_mu", "exp_avg_logvar", "exp_avg_sq_logvar", "z"]
+
+
+@pytest.fixture
+def needs_extension():
+    available, reason = extension_status()
+    if not available:
+        pytest.skip(reason)
+
+
+def make_state(shape, dtype, seed=0):
+    """The seven in-place tensors as the inner loop initialises them (section 2 of DESIGN.md)."""
+    g = torch.Generator().manual_seed(seed)
+    mu = 0.01 * torch.randn(shape, generator=g, dtype=torch.float64)
+    logvar = -5 + 0.1 * torch.randn(shape, generator=g, dtype=torch.float64)
+    moments = [torch.zeros(shape, dtype=torch.float64) for _ in range(4)]
+    z = torch.zeros(shape, dtype=torch.float64)
+    return [t.to(dtype) for t in (mu, logvar, *moments, z)]
+
+
+def cosine_lr(t, steps, lr=0.34):
+    return lr / 10 + 0.5 * (1 + math.cos(math.pi * t / steps)) * (lr - lr / 10)
+
+
+def assert_state_close(actual, expected, **tol):
+    for name, a, e in zip(NAMES, actual, expected):
+        torch.testing.assert_close(a, e, **tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def run_steps(step_fn, state, noise, grads, steps):
+    for step in range(1, steps + 1):
+        step_fn(*state, grads[step - 1], noise, cosine_lr(step - 1, steps), step)
+
+
+# Both sides differ only in rounding (libm vs Sleef exp, FMA contraction in torch's vectorised lerp/addcmul,
+# exp(logvar) taken as sigma^2 in the kernel): an ulp or two per gradient. When a moment nearly cancels
+# (m_t = 0.9 m + 0.1 g ~ 0) that relative error grows by the cancellation factor before lr * m / denom
+# reaches the parameters. Measured worst case over these shapes and seeds 0-2 after 5 steps: float32
+# 2.6e-6 absolute on mu and z (values ~0.3), the moments within 1e-6 relative + 5e-7; float64 7e-16.
+TOLERANCES = {torch.float64: dict(rtol=1e-12, atol=1e-14), torch.float32: dict(rtol=1e-6, atol=1e-5)}
+
+
+@pytest.mark.extension
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(3, 5, 7), (2, 24, 64), (4, 16, 1000)])  # the last spans many threads' chunks
+def test_matches_reference(needs_extension, shape, dtype):
+    steps = 5
+    gen = torch.Generator().manual_seed(1)
+    noise = torch.randn(shape, generator=gen, dtype=dtype)
+    grads = [torch.randn(shape, generator=gen, dtype=dtype) for _ in range(steps)]
+    fused, ref = make_state(shape, dtype), make_state(shape, dtype)
+    run_steps(posterior_step, fused, noise, grads, steps)
+    run_steps(posterior_step_ref, ref, noise, grads, steps)
+    assert_state_close(fused, ref, **TOLERANCES[dtype])
+
+
+def run_low_precision(dtype, seed=2, shape=(2, 24, 64), steps=5):
+    """(fused, eager, exact): 5 steps of the op and of the reference in `dtype`, and of the reference in
+    float64 from the same rounded inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(shape, generator=gen).to(dtype)
+    grads = [torch.randn(shape, generator=gen).to(dtype) for _ in range(steps)]
+    fused, eager = make_state(shape, dtype), make_state(shape, dtype)
+    exact = [t.double() for t in make_state(shape, dtype)]
+    run_steps(posterior_step, fused, noise, grads, steps)
+    run_steps(posterior_step_ref, eager, noise, grads, steps)
+    run_steps(posterior_step_ref, exact, noise.double(), [g.double() for g in grads], steps)
+    return fused, eager, exact
+
+
+@pytest.mark.extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_error(needs_extension, dtype):
+    """DESIGN.md section 6: the fused error is at most 2x the error of the eager math in the same dtype,
+    both against the float64 reference."""
+    for name, f, e, x in zip(NAMES, *run_low_precision(dtype)):
+        fused_err = (f.double() - x).abs().max().item()
+        eager_err = (e.double() - x).abs().max().item()
+        # The floor keeps an exactly-rounded eager result (error 0) from demanding an exact fused one.
+        floor = torch.finfo(dtype).eps * x.abs().max().item()
+        assert fused_err <= 2 * eager_err + floor, f"{name}: fused {fused_err:.3g} vs eager {eager_err:.3g}"
+
+
+@pytest.mark.extension
+def test_float16_stays_finite(needs_extension):
+    """No 2x bar here: eager AdamW in float16 turns NaN on these inputs (eps = 1e-8 rounds to 0 in fp16,
+    exp_avg_sq underflows), while the fused op computes in float32 and only stores fp16."""
+    fused, _, exact = run_low_precision(torch.float16)
+    for name, f, x in zip(NAMES, fused, exact):
+        assert f.isfinite().all(), name
+        # Measured: <= 4 fp16 ulps of the largest value after 5 steps.
+        bound = 8 * torch.finfo(torch.float16).eps * x.abs().max().item()
+        assert (f.double() - x).abs().max().item() <= bound, name
+
+
+def test_reference_is_adamw_on_the_elbo_gradients():
+    """posterior_step_ref == autograd of CE-proxy + KL followed by torch.optim.AdamW, with a changing lr."""
+    shape, steps = (3, 5, 7), 6
+    gen = torch.Generator().manual_seed(3)
+    state = make_state(shape, torch.float64)
+    # Start logvar near 0 so both terms of its gradient matter, not only the KL.
+    state[1] = 0.5 * torch.randn(shape, generator=gen, dtype=torch.float64)
+    noise = torch.randn(shape, generator=gen, dtype=torch.float64)
+    mu = state[0].clone().requires_grad_()
+    logvar = state[1].clone().requires_grad_()
+    opt = torch.optim.AdamW([mu, logvar], lr=0.34, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, foreach=False)
+    for step in range(1, steps + 1):
+        lr = cosine_lr(step - 1, steps)
+        grad_z = torch.randn(shape, generator=gen, dtype=torch.float64)  # stands in for dCE/dz
+        z = mu + noise * torch.exp(logvar / 2)
+        loss = (grad_z * z).sum() + kl_ref(mu, logvar).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.param_groups[0]["lr"] = lr
+        opt.step()
+        posterior_step_ref(*state, grad_z, noise, lr, step)
+
+        expected = [mu, logvar]
+        expected += [opt.state[p][k] for p in (mu, logvar) for k in ("exp_avg", "exp_avg_sq")]
+        expected.append(mu + noise * torch.exp(logvar / 2))
+        assert_state_close(state, [t.detach() for t in expected], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(needs_extension, dtype):
+    shape = (2, 3, 5)
+    gen = torch.Generator().manual_seed(4)
+    state = make_state(shape, dtype)
+    grad_z = torch.randn(shape, generator=gen, dtype=dtype)
+    noise = torch.randn(shape, generator=gen, dtype=dtype)
+    args = (*state, grad_z, noise, 0.34, 2, 0.9, 0.999, 1e-8, 0.01)
+    torch.library.opcheck(torch.ops.ltm.posterior_step.default, args)
+
+
+@pytest.mark.extension
+def test_non_contiguous_inputs(needs_extension):
+    shape = (3, 5, 7)
+    gen = torch.Generator().manual_seed(5)
+    grad_z = torch.randn(shape[::-1], generator=gen, dtype=torch.float64).transpose(0, 2)
+    noise = torch.randn(shape[::-1], generator=gen, dtype=torch.float64).transpose(0, 2)
+    assert not grad_z.is_contiguous() and not noise.is_contiguous()
+    strided, dense = make_state(shape, torch.float64), make_state(shape, torch.float64)
+    posterior_step(*strided, grad_z, noise, 0.34, 1)
+    posterior_step(*dense, grad_z.contiguous(), noise.contiguous(), 0.34, 1)
+    assert_state_close(strided, dense, rtol=0, atol=0)
+
+
+@pytest.mark.extension
+def test_independent_of_thread_count(needs_extension):
+    shape = (4, 16, 1000)
+    gen = torch.Generator().manual_seed(6)
+    grad_z = torch.randn(shape, generator=gen)
+    noise = torch.randn(shape, generator=gen)
+    threaded, serial = make_state(shape, torch.float32), make_state(shape, torch.float32)
+    posterior_step(*threaded, grad_z, noise, 0.34, 1)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        posterior_step(*serial, grad_z, noise, 0.34, 1)
+    finally:
+        torch.set_num_threads(n)
+    assert_state_close(threaded, serial, rtol=0, atol=0)
+
+
+def _bad_shape(args):
+    args[8] = args[8][..., :-1]
+
+
+def _bad_dtype(args):
+    args[7] = args[7].float()
+
+
+def _bad_contiguity(args):
+    args[0] = args[0].transpose(0, 2).contiguous().transpose(0, 2)
+
+
+def _bad_step(args):
+    args[10] = 0
+
+
+def _aliased(args):
+    args[4] = args[2]
+
+
+@pytest.mark.extension
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (_bad_shape, "noise must have the shape of mu"),
+        (_bad_dtype, "grad_z must have the dtype of mu"),
+        (_bad_contiguity, "mu must be contiguous"),
+        (_bad_step, "step must be >= 1"),
+        (_aliased, "exp_avg_mu and exp_avg_logvar must not share memory"),
+    ],
+    ids=["shape", "dtype", "contiguity", "step", "aliasing"],
+)
+def test_bad_input_names_the_argument(needs_extension, corrupt, message):
+    shape = (3, 5, 7)
+    args = [*make_state(shape, torch.float64), torch.randn(shape, dtype=torch.float64),
+            torch.randn(shape, dtype=torch.float64), 0.34, 1, 0.9, 0.999, 1e-8, 0.01]
+    corrupt(args)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.ltm.posterior_step(*args)
+
+
+_BROKEN_IMPORT = """
+import importlib.abc, sys
+class Broken(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "ltm_kernels._C":
+            raise OSError("undefined symbol: _ZN3c104impl")
+sys.meta_path.insert(0, Broken())
+"""
+
+
+@pytest.mark.parametrize(
+    "setup, expected",
+    [
+        ("import sys; sys.modules['ltm_kernels._C'] = None", "extension not built"),
+        (_BROKEN_IMPORT, "extension failed to load: OSError: undefined symbol"),
+    ],
+    ids=["missing", "broken"],
+)
+def test_import_without_extension(setup, expected):
+    """A missing or broken _C (and no Triton) must not break `import ltm_kernels`; it is reported instead."""
+    code = setup + """
+import sys
+sys.modules["triton"] = None
+import ltm_kernels
+available, reason = ltm_kernels.extension_status()
+assert not available, reason
+print(reason)
+try:
+    ltm_kernels.posterior_step(*[None] * 9, lr=0.1, step=1)
+except RuntimeError as e:
+    assert reason in str(e), e
+else:
+    raise AssertionError("posterior_step without the extension must raise")
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert expected in out.stdout, out.stdout
+
+
+def test_public_api():
+    for name in ("extension_status", "posterior_step", "posterior_step_ref", "kl_ref"):
+        assert hasattr(ltm_kernels, name)
