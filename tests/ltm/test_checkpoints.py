@@ -57,7 +57,7 @@ def test_published_checkpoint_files_never_execute_code(tmp_path):
 
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
-        pickle.dump({"model": Evil(), "model_args": {}}, f)
+        pickle.dump({"model": Evil(), "model_args": {}}, f, protocol=2)
     with pytest.raises(ValueError, match="weights_only"):
         LTMDecoder.from_published_checkpoint(path)
     assert not marker.exists()

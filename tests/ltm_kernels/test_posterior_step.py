@@ -261,3 +261,106 @@ else:
 def test_public_api():
     for name in ("extension_status", "posterior_step", "posterior_step_ref", "kl_ref"):
         assert hasattr(ltm_kernels, name)
+
+
+def _exp_through_op(logvar):
+    """The kernel's exp(logvar / 2), read off z: with mu = grad_z = 0, noise = 1 and lr = 0 the op leaves
+    mu = 0 and logvar unchanged and writes z = 0 + 1 * exp(logvar / 2), the same exp as in the gradient."""
+    zeros = [torch.zeros_like(logvar) for _ in range(6)]
+    mu, moments, z = zeros[0], zeros[1:5], zeros[5]
+    lv = logvar.clone()
+    posterior_step(mu, lv, *moments, z, torch.zeros_like(logvar), torch.ones_like(logvar), lr=0.0, step=1)
+    torch.testing.assert_close(lv, logvar, rtol=0, atol=0, equal_nan=True)
+    return z
+
+
+@pytest.mark.extension
+def test_float32_exp_accuracy(needs_extension):
+    """The float path's polynomial exp (csrc/posterior_step.cpp) against float64 exp: within 1 ulp (measured
+    over all 2^32 float inputs: 0.99) on logvar in [-30, 30], and further out into the denormals."""
+    dense = torch.linspace(-30, 30, 600_001, dtype=torch.float64)
+    # Up to 88 only: the KL gradient holds exp(logvar), and lr = 0 leaves logvar unchanged only while it is finite.
+    wide = torch.linspace(-320, 88, 40_001, dtype=torch.float64)
+    logvar = torch.cat([dense, wide]).float()
+    got = _exp_through_op(logvar).double()
+    exact = torch.exp(0.5 * logvar.double())
+    tiny = torch.finfo(torch.float32).tiny
+    normal = exact >= tiny
+    # ulp of the exact value in float32: 2^(e - 24) for exact = m 2^e, m in [0.5, 1).
+    ulp = torch.ldexp(torch.ones_like(exact), torch.frexp(exact).exponent - 24)
+    ulp_err = ((got - exact).abs() / ulp)[normal]
+    worst = ulp_err.argmax()
+    assert ulp_err[worst].item() <= 1.0, f"{ulp_err[worst].item():.3f} ulp at logvar {logvar[normal][worst]}"
+    # Below the normal range: gradual underflow, within one denormal step (2^-149), then exact zeros.
+    assert (got - exact)[~normal].abs().max().item() <= 2.0**-149
+    assert (got[logvar < -210] == 0).all()
+    special = _exp_through_op(torch.tensor([float("-inf"), float("nan"), 0.0]))
+    assert special[0] == 0 and special[1].isnan() and special[2] == 1
+
+
+_RUN_ON_SAVED_INPUTS = """
+import sys, torch, ltm_kernels
+assert ltm_kernels.extension_status()[0], ltm_kernels.extension_status()
+out = []
+for state, grad_z, noise, beta1 in torch.load(sys.argv[1]):
+    for step in (1, 2, 3):
+        torch.ops.ltm.posterior_step(*state, grad_z, noise, 0.1, step, beta1, 0.999, 1e-8, 0.01)
+    out.append(state)
+torch.save((torch.backends.cpu.get_cpu_capability(), out), sys.argv[2])
+"""
+
+
+@pytest.mark.extension
+def test_isa_copies_are_bit_identical(needs_extension, tmp_path):
+    """The float loop is compiled for SSE2, AVX2 and AVX-512 and picked at run time, capped by
+    ATEN_CPU_CAPABILITY: every copy this CPU can run gives the same bits (no FMA contraction, the same exp),
+    for float32, bfloat16 and float16, both lerp branches (beta1 0.9 and 0.3) and lengths with remainders."""
+    host = torch.backends.cpu.get_cpu_capability()
+    levels = ["DEFAULT", "AVX2", "AVX512"]
+    if host not in levels or host == "DEFAULT":
+        pytest.skip(f"one loop copy only on this CPU (ATen capability {host})")
+    gen = torch.Generator().manual_seed(7)
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for shape, beta1 in (((4, 16, 1000), 0.9), ((3, 5, 7), 0.3), ((1, 1, 37), 0.9)):
+            state = make_state(shape, dtype)
+            state[1] = (-5 + 3 * torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype)
+            grad_z, noise = (torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) for _ in range(2))
+            cases.append((state, grad_z, noise, beta1))
+    torch.save(cases, tmp_path / "in.pt")
+    results = {}
+    for level in levels[: levels.index(host) + 1]:
+        out_file = tmp_path / f"{level}.pt"
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": level.lower()}
+        run = subprocess.run([sys.executable, "-c", _RUN_ON_SAVED_INPUTS, str(tmp_path / "in.pt"), str(out_file)],
+                             cwd=ROOT, env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        capability, results[level] = torch.load(out_file)
+        assert capability == level
+    base = results["DEFAULT"]
+    for level, outs in results.items():
+        for case, (o, b) in enumerate(zip(outs, base)):
+            for name, x, y in zip(NAMES, o, b):
+                bits = torch.int32 if x.element_size() == 4 else torch.int16
+                assert torch.equal(x.view(bits), y.view(bits)), f"{level} vs DEFAULT, case {case}, {name}"
+
+
+@pytest.mark.extension
+def test_inputs_aliasing_outputs(needs_extension):
+    """grad_z / noise may be the very tensor of an output (each element is read before it is written, as in
+    the reference), but not a shifted view of its memory, which the SIMD loop would read after writing."""
+    shape = (3, 5, 7)
+    gen = torch.Generator().manual_seed(8)
+    aliased, copied = make_state(shape, torch.float32), make_state(shape, torch.float32)
+    for state in (aliased, copied):
+        state[6].copy_(torch.randn(shape, generator=torch.Generator().manual_seed(9)))  # z, used as grad_z
+    noise = torch.randn(shape, generator=gen)
+    posterior_step(*copied, copied[6].clone(), noise, 0.34, 1)
+    posterior_step(*aliased, aliased[6], noise, 0.34, 1)
+    assert_state_close(aliased, copied, rtol=0, atol=0)
+
+    buf = torch.zeros(3 * 5 * 7 + 1)
+    state = make_state(shape, torch.float32)
+    state[6] = buf[:-1].view(shape)
+    with pytest.raises(RuntimeError, match="grad_z must not partially overlap z"):
+        torch.ops.ltm.posterior_step(*state, buf[1:].view(shape), noise, 0.34, 1, 0.9, 0.999, 1e-8, 0.01)
