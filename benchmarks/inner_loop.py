@@ -170,6 +170,7 @@ def main(argv=None, wrong_variant=None) -> dict:
           f"vocab {cfg.vocab_size}), batch {args.batch} x {args.seq} tokens, T {args.steps}, {args.dtype}, "
           f"{device}", flush=True)
 
+    commit = git_commit()  # before the run: edits made while it runs do not belong to these numbers
     torch.manual_seed(args.seed)
     status = backend_status()
     model = LTMDecoder(cfg, backend="eager").to(device=device, dtype=dtype)
@@ -228,7 +229,7 @@ def main(argv=None, wrong_variant=None) -> dict:
     print_table(rows)
 
     result = {"benchmark": "inner_loop", "date": dt.datetime.now().isoformat(timespec="seconds"),
-              "commit": git_commit(), "device": device_info(device), "backends": status,
+              "commit": commit, "device": device_info(device), "backends": status,
               "config": {"preset": args.preset, **cfg.to_dict(), "batch": args.batch, "seq": args.seq,
                          "steps": args.steps, "dtype": args.dtype, "lr": args.lr, "schedule": args.schedule,
                          "weight_decay": args.weight_decay, "repeats": args.repeats, "seed": args.seed,

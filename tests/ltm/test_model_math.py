@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import random_published_sd
 from ltm import LTMConfig, LTMDecoder
 
 F64 = torch.float64
@@ -29,33 +30,6 @@ F64 = torch.float64
 # ----------------------------------------------------------------------------------------------
 # Random weights in the published naming
 # ----------------------------------------------------------------------------------------------
-def random_published_sd(cfg: LTMConfig, seed: int, std: float = 0.2, emb_std: float = 0.5,
-                        dtype=F64) -> dict:
-    """All weights random (std large enough that attention is far from uniform), norms ~ 1 + 0.1 N(0,1)."""
-    g = torch.Generator().manual_seed(seed)
-    d, f, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
-
-    def rnd(*shape, s=std):
-        return (torch.randn(*shape, generator=g, dtype=F64) * s).to(dtype)
-
-    def norm_w():
-        return (1.0 + 0.1 * torch.randn(d, generator=g, dtype=F64)).to(dtype)
-
-    E = rnd(V, d, s=emb_std)
-    sd = {"tok_embeddings.weight": E, "output.weight": E.clone(), "norm.weight": norm_w()}
-    for i in range(cfg.n_layer):
-        p = f"layers.{i}."
-        for mod in ("attention", "cross_attention"):
-            for w in ("wq", "wk", "wv", "wo"):
-                sd[f"{p}{mod}.{w}.weight"] = rnd(d, d)
-        for nrm in ("attention_norm", "cross_attention_norm", "ffn_norm"):
-            sd[f"{p}{nrm}.weight"] = norm_w()
-        sd[f"{p}feed_forward.gate_proj.weight"] = rnd(f, d)
-        sd[f"{p}feed_forward.up_proj.weight"] = rnd(f, d)
-        sd[f"{p}feed_forward.down_proj.weight"] = rnd(d, f)
-    return sd
-
-
 def make_model(cfg: LTMConfig, sd: dict, dtype=F64) -> LTMDecoder:
     model = LTMDecoder(cfg, backend="eager").to(dtype)
     model.load_published_state_dict(sd)

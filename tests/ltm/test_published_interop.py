@@ -10,31 +10,13 @@ import math
 import pytest
 import torch
 
+from helpers import random_published_sd as shared_random_published_sd
 from ltm import LTMConfig, LTMDecoder
 
 
-def random_published_sd(cfg: LTMConfig, seed: int, std: float = 0.2) -> dict:
-    """Canonical published naming (gate/up/down MLP names, output.weight present and equal)."""
-    g = torch.Generator().manual_seed(seed)
-    d, f, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g) * std
-
-    E = rnd(V, d) * 2.5
-    sd = {"tok_embeddings.weight": E, "output.weight": E.clone(),
-          "norm.weight": 1 + 0.1 * torch.randn(d, generator=g)}
-    for i in range(cfg.n_layer):
-        p = f"layers.{i}."
-        for mod in ("attention", "cross_attention"):
-            for w in ("wq", "wk", "wv", "wo"):
-                sd[f"{p}{mod}.{w}.weight"] = rnd(d, d)
-        for nrm in ("attention_norm", "cross_attention_norm", "ffn_norm"):
-            sd[f"{p}{nrm}.weight"] = 1 + 0.1 * torch.randn(d, generator=g)
-        sd[f"{p}feed_forward.gate_proj.weight"] = rnd(f, d)
-        sd[f"{p}feed_forward.up_proj.weight"] = rnd(f, d)
-        sd[f"{p}feed_forward.down_proj.weight"] = rnd(d, f)
-    return sd
+def random_published_sd(cfg: LTMConfig, seed: int) -> dict:
+    """Canonical published naming (gate/up/down MLP names, output.weight present and equal), fp32."""
+    return shared_random_published_sd(cfg, seed, dtype=torch.float32)
 
 
 # ---- naming variants ---------------------------------------------------------------------------
