@@ -1,20 +1,32 @@
 """The main benchmark: the LTM inner loop (posterior inference), timed side by side.
 
 Variants, on the same weights, tokens and initial (mu, logvar, noise):
-  reference  the published recipe: eager model, dense-mask SDPA, `loss.backward()` through the whole model
-             (decoder weight gradients included), `torch.optim.AdamW` on (mu, logvar)
-  eager      our model, `backend="eager"`: gradients to (mu, logvar) only
-  cpp        `backend="cpp"`: the compiled extension's ops (skipped, with the reason, if not built)
-  auto       `backend="auto"`: the fastest available per op
-Every variant is first checked to give the same posterior as `eager`; a variant that does not is reported
-as wrong and not timed. Results: a table on stdout and a JSON file under benchmarks/results/.
+  reference      the published recipe: eager model, dense-mask SDPA, `loss.backward()` through the whole
+                 model (decoder weight gradients included), `torch.optim.AdamW` on (mu, logvar)
+  eager          our model, `backend="eager"`: gradients to (mu, logvar) only
+  compiled       `eager` with the decoder's forward under `torch.compile` (backward compiled by AOTAutograd;
+                 decoder weights frozen so no weight gradient is compiled in)
+  compiled-max   the same with mode="max-autotune-no-cudagraphs" (CUDA only)
+  cpp, triton    one backend for every op it implements (eager for the rest)
+  fused          `backend="auto"`: the fastest implementation of each op on this device
+  fused+graph    the whole T-step loop captured in one CUDA graph (CUDA only)
+Each variant is first checked over a few steps against `eager`: one that disagrees is reported as wrong
+and not timed; one that cannot run here is reported with the reason. Results: a table on stdout and a
+JSON file under benchmarks/results/ (device, versions, commit, configuration, every raw timing).
 
-    python benchmarks/inner_loop.py                      # CPU configuration of DESIGN section 5
+    python benchmarks/inner_loop.py                         # defaults for this device (DESIGN section 5)
     python benchmarks/inner_loop.py --preset ltm-tiny --batch 2 --seq 32 --steps 4
+    python benchmarks/inner_loop.py --sweep steps --plot    # cost vs T_fast, with a PNG
+    python benchmarks/inner_loop.py --train                 # inner loop + decoder update per iteration
+
+Model FLOPs per inner step (forward + activation-only backward, exact sliding window, LM head included)
+come from `inner_step_flops`; utilisation is reported against the datasheet peak (CUDA) and a matmul peak
+measured in the same run.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
 import math
@@ -31,8 +43,57 @@ from ltm import LTMConfig, LTMDecoder, backend_status
 from ltm.posterior import ADAM_BETAS, ADAM_EPS, scheduled_lr
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-VARIANTS = ("reference", "eager", "cpp", "auto")
+VARIANTS = ("reference", "eager", "compiled", "compiled-max", "cpp", "triton", "fused", "fused+graph")
+DEFAULT_VARIANTS = {"cpu": ("reference", "eager", "compiled", "fused"),
+                    "cuda": ("reference", "eager", "compiled", "compiled-max", "fused", "fused+graph")}
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Dense bf16/fp16 tensor-core peaks from the vendor datasheets (SXM parts), TFLOP/s.
+DATASHEET_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+# Published per-iteration times (Kong et al. 2025), 8 x H100 at 64 sequences x 1024 tokens per GPU.
+PUBLISHED_TRAIN_MS = {("ltm-m", 16): 2209.76, ("ltm-l", 64): 13190.58}
+SWEEPS = {"steps": (1, 2, 4, 8, 16, 32, 64), "latents": (1, 2, 4, 8), "seq": (128, 256, 512, 1024)}
+
+
+# ---------------------------------------------------------------- FLOPs
+def inner_step_flops(cfg: LTMConfig, batch: int, seq: int) -> float:
+    """Model FLOPs of one inner step: forward + activation-only backward (no weight gradients).
+
+    Matmuls count 2 FLOPs per multiply-add; a linear layer's activation backward costs what its forward
+    does; attention's backward (dV, dP, dQ, dK) costs twice its forward (QK^T, PV). Self-attention uses the
+    exact number of keys each token sees (min(n + 1, W)), not padded tiles."""
+    d, d_ff, vocab, m = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_z_per_layer
+    keys = sum(min(n + 1, cfg.window_size) for n in range(seq))  # per sequence, all tokens
+    per_layer_linear = seq * (2 * 4 * d * d + 2 * 2 * d * d + 2 * 3 * d * d_ff) + m * 2 * 2 * d * d
+    per_layer_attention = 4 * d * keys + 4 * d * m * seq
+    head = 2 * seq * d * vocab
+    forward = cfg.n_layer * (per_layer_linear + per_layer_attention) + head
+    backward = cfg.n_layer * (per_layer_linear + 2 * per_layer_attention) + head
+    return float(batch * (forward + backward))
+
+
+def datasheet_peak_tflops(device_name: str):
+    return next((v for k, v in DATASHEET_TFLOPS.items() if k in device_name), None)
+
+
+def measured_matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """Best of a few square matmuls in the benchmark's dtype: the peak this machine reaches in practice."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = math.inf
+    for _ in range(6):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        synchronize(device)
+        best = min(best, (time.perf_counter() - start) / 4)
+    return 2 * n ** 3 / best / 1e12
+
+
+# ---------------------------------------------------------------- variants
+class Unavailable(Exception):
+    """This variant cannot run on this machine; the message says why."""
 
 
 def reference_inner_loop(model, tokens, targets, steps, lr, schedule, weight_decay, mu, logvar, noise):
@@ -50,17 +111,62 @@ def reference_inner_loop(model, tokens, targets, steps, lr, schedule, weight_dec
     return mu.detach(), logvar.detach()
 
 
-def make_runner(variant, model, backend_models, inputs, args, steps):
+def build_variant(variant: str, base: LTMDecoder, status: dict) -> LTMDecoder:
+    """A model for `variant` with `base`'s weights; raises Unavailable saying why it cannot run here."""
+    device = base.tok_embeddings.weight.device
+    if variant == "reference":
+        return base
+    if variant == "fused+graph":
+        raise Unavailable("needs CUDA" if device.type != "cuda" else
+                          "the CUDA-graph inner-loop engine is not implemented yet (issue 5)")
+    if variant == "compiled-max" and device.type != "cuda":
+        raise Unavailable("max-autotune-no-cudagraphs is benchmarked on CUDA only")
+    backend = {"fused": "auto", "compiled": "eager", "compiled-max": "eager"}.get(variant, variant)
+    ok, reason = status[backend]
+    if not ok:
+        raise Unavailable(reason)
+    model = copy.deepcopy(base)
+    model.backend = backend
+    if variant.startswith("compiled"):
+        model.requires_grad_(False)  # frozen decoder: AOTAutograd then compiles no weight gradients
+        model.ops  # resolved now, so that the compiled graph sees it as a constant
+        mode = "max-autotune-no-cudagraphs" if variant == "compiled-max" else None
+        model.sequence_nll = torch.compile(model.sequence_nll, mode=mode)
+    return model
+
+
+def make_runner(variant, model, inputs, args, steps):
     tokens, targets, mu, logvar, noise = inputs
     if variant == "reference":
         return lambda: reference_inner_loop(model, tokens, targets, steps, args.lr, args.schedule,
                                             args.weight_decay, mu, logvar, noise)
-    m = backend_models[variant]
 
     def run():
-        post = m.infer_posterior(tokens, targets, steps=steps, lr=args.lr, schedule=args.schedule,
-                                 weight_decay=args.weight_decay, mu=mu, logvar=logvar, noise=noise)
+        post = model.infer_posterior(tokens, targets, steps=steps, lr=args.lr, schedule=args.schedule,
+                                     weight_decay=args.weight_decay, mu=mu, logvar=logvar, noise=noise)
         return post.mu, post.logvar
+    return run
+
+
+def make_train_runner(variant, model, inputs, args, steps):
+    """One training iteration (Algorithm 1): the variant's inner loop, then a decoder AdamW step on mean CE.
+    It trains a copy, so the other variants still start from the shared weights."""
+    if variant.startswith("compiled"):
+        raise Unavailable("training mode times the reference, eager and kernel variants only")
+    tokens, targets, mu, logvar, noise = inputs
+    trainable = copy.deepcopy(model).requires_grad_(True)
+    inner = make_runner(variant, trainable, inputs, args, steps)
+    optimizer = torch.optim.AdamW(trainable.parameters(), lr=4e-4, betas=(0.9, 0.95), weight_decay=0.1)
+
+    def run():
+        mu_fit, logvar_fit = inner()
+        z = (mu_fit + noise * torch.exp(0.5 * logvar_fit)).detach()
+        loss = trainable.sequence_nll(tokens, targets, z).sum() / targets.numel()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable.parameters(), 1.0)
+        optimizer.step()
+        return mu_fit, logvar_fit
     return run
 
 
@@ -84,24 +190,162 @@ def time_runs(run, device, repeats):
     return times
 
 
-def git_commit() -> str:
+def is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+# ---------------------------------------------------------------- one configuration
+def make_inputs(cfg, batch, seq, device, dtype, seed):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shape = (batch, cfg.n_z, cfg.d_model)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device, generator=gen)
+    pdtype = torch.promote_types(dtype, torch.float32)  # the variational parameters stay >= fp32
+    return (tokens[:, :-1], tokens[:, 1:],
+            0.01 * torch.randn(shape, device=device, dtype=pdtype, generator=gen),
+            -5 + 0.1 * torch.randn(shape, device=device, dtype=pdtype, generator=gen),
+            torch.randn(shape, device=device, dtype=pdtype, generator=gen))
+
+
+def run_configuration(args, cfg, batch, seq, steps, device, dtype, status, peaks, wrong_variant=None) -> dict:
+    """Check and time every requested variant on one (cfg, batch, seq, steps); returns the rows."""
+    torch.manual_seed(args.seed)
+    base = LTMDecoder(cfg, backend="eager").to(device=device, dtype=dtype)
+    inputs = make_inputs(cfg, batch, seq, device, dtype, args.seed + 1)
+    check_steps = max(1, min(args.check_steps, steps))
+    rtol = args.check_rtol or {torch.float64: 1e-9, torch.float32: 2e-3}.get(dtype, 5e-2)
+    runner = make_train_runner if args.train else make_runner
+    flops = inner_step_flops(cfg, batch, seq) * steps
+    print(f"{args.preset}: batch {batch} x {seq} tokens, T {steps}, {args.dtype}, {device}"
+          f"{' (training iterations)' if args.train else ''}; {flops / 1e12:.3f} model TFLOP per inner loop",
+          flush=True)
+
+    print("  eager: correctness baseline ...", flush=True)
+    baseline = make_runner("eager", base, inputs, args, check_steps)()
+    rows = {}
+    for variant in args.variants:
+        try:
+            model = build_variant(variant, base, status)
+            print(f"  {variant}: checking {check_steps} step(s) against eager ...", flush=True)
+            mu, logvar = make_runner(variant, model, inputs, args, check_steps)()  # also the warm-up
+            if variant == wrong_variant:
+                mu = mu + 1.0
+            errors = {"mu": max_rel_error(mu, baseline[0]), "logvar": max_rel_error(logvar, baseline[1])}
+            if max(errors.values()) > rtol:
+                rows[variant] = {"status": "wrong", "max_rel_error": errors, "rtol": rtol}
+                print(f"  {variant}: WRONG (max relative error {errors} > {rtol}); not timed", flush=True)
+                continue
+            print(f"  {variant}: timing {args.repeats} run(s) ...", flush=True)
+            run = runner(variant, model, inputs, args, steps)
+            if args.train:
+                run()  # warm-up of the decoder update
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            times = time_runs(run, device, args.repeats)
+        except Unavailable as err:
+            rows[variant] = {"status": "unavailable", "reason": str(err)}
+            print(f"  {variant}: unavailable ({err})", flush=True)
+            continue
+        except (RuntimeError, torch.OutOfMemoryError) as err:
+            if not is_out_of_memory(err):
+                raise
+            rows[variant] = {"status": "out of memory", "reason": str(err).splitlines()[0]}
+            print(f"  {variant}: out of memory at batch {batch} x {seq}; continuing with the others", flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        median = statistics.median(times)
+        row = {"status": "ok", "max_rel_error": errors, "times_s": times, "median_s": median,
+               "ms_per_loop": 1e3 * median, "ms_per_step": 1e3 * median / steps,
+               "tokens_per_s": batch * seq * steps / median,
+               "model_tflops_per_s": flops / median / 1e12,
+               "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
+        for key, peak in peaks.items():
+            if peak and not args.train:  # a training iteration also does the decoder update: not counted
+                row[f"mfu_vs_{key}"] = row["model_tflops_per_s"] / peak
+        rows[variant] = row
+    for ref_name in ("reference", "compiled"):
+        ref = rows.get(ref_name, {})
+        for row in rows.values():
+            if row["status"] == "ok" and ref.get("status") == "ok":
+                row[f"speedup_vs_{ref_name}"] = ref["median_s"] / row["median_s"]
+                if ref.get("peak_memory_bytes") and row.get("peak_memory_bytes"):
+                    row[f"memory_vs_{ref_name}"] = row["peak_memory_bytes"] / ref["peak_memory_bytes"]
+    return {"config": {"batch": batch, "seq": seq, "steps": steps, "check_steps": check_steps, "check_rtol": rtol,
+                       "model_flops_per_loop": flops, **cfg.to_dict()},
+            "variants": rows}
+
+
+# ---------------------------------------------------------------- reporting
+def print_table(rows: dict):
+    header = (f"{'variant':<13} {'ms/loop':>10} {'ms/step':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} "
+              f"{'mem GB':>7} {'vs ref':>7} {'vs comp':>7}  note")
+    print(header)
+    print("-" * len(header))
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for name, row in rows.items():
+        if row["status"] != "ok":
+            print(f"{name:<13} {'-':>10} {'-':>9} {'-':>10} {'-':>8} {'-':>6} {'-':>7} {'-':>7} {'-':>7}  "
+                  f"{row['status']}: {row.get('reason') or row.get('max_rel_error')}")
+            continue
+        mfu = row.get("mfu_vs_datasheet", row.get("mfu_vs_measured_matmul"))
+        mem = row["peak_memory_bytes"] / 1e9 if row["peak_memory_bytes"] else None
+        speedups = [row.get(f"speedup_vs_{r}") for r in ("reference", "compiled")]
+        print(f"{name:<13} {row['ms_per_loop']:>10.1f} {row['ms_per_step']:>9.2f} {row['tokens_per_s']:>10.0f} "
+              f"{row['model_tflops_per_s']:>8.3f} {fmt(mfu and 100 * mfu, '5.1f'):>5}% {fmt(mem, '7.2f'):>7} "
+              f"{fmt(speedups[0], '.2f'):>6}x {fmt(speedups[1], '.2f'):>6}x")
+
+
+def write_plot(result: dict, path: Path):
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise SystemExit(f"--plot needs matplotlib ({err}); `pip install matplotlib`") from err
+    runs = result["runs"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    sweep = result["sweep"]
+    if sweep:
+        xs = [run["config"][sweep["field"]] for run in runs]
+        for variant in result["variants_requested"]:
+            ys = [run["variants"].get(variant, {}).get("ms_per_loop") for run in runs]
+            pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=variant)
+        ax.set_xlabel(sweep["label"])
+        ax.set_ylabel("ms per inner loop")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+    else:
+        rows = {k: v for k, v in runs[0]["variants"].items() if v["status"] == "ok"}
+        ax.bar(list(rows), [r["ms_per_step"] for r in rows.values()])
+        ax.set_ylabel("ms per inner step")
+    ax.set_title(f"LTM inner loop, {result['preset']}, {result['device']['name']}", fontsize=9)
+    ax.legend() if sweep else None
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------- environment
+def git_commit() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=here)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=10, cwd=Path(__file__).resolve().parent).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+                               text=True, timeout=10, cwd=here).stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "") if head.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
 def device_info(device) -> dict:
     info = {"type": device.type, "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads()}
+            "platform": platform.platform(), "threads": torch.get_num_threads()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(name=props.name, cuda=torch.version.cuda, memory_bytes=props.total_memory)
+        info.update(name=props.name, cuda=torch.version.cuda, memory_bytes=props.total_memory,
+                    sm_count=props.multi_processor_count, nvidia_smi=_nvidia_smi())
     else:
         info["name"] = _cpu_name()
     try:
@@ -110,6 +354,19 @@ def device_info(device) -> dict:
     except Exception:
         info["triton"] = None
     return info
+
+
+def _nvidia_smi():
+    """Clocks and power limit, when nvidia-smi is there to ask."""
+    fields = "clocks.sm,clocks.max.sm,clocks.mem,power.limit,power.max_limit,driver_version"
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0 or not out.stdout.strip():
+        return None
+    return dict(zip(fields.split(","), (v.strip() for v in out.stdout.splitlines()[0].split(","))))
 
 
 def _cpu_name() -> str:
@@ -122,142 +379,126 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-").lower()[:48] or "device"
+
+
+# ---------------------------------------------------------------- main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--preset", default=None, help="LTMConfig preset (default: ltm-cpu on CPU, ltm-l on CUDA)")
     p.add_argument("--batch", type=int, default=None, help="sequences per inner loop (default 4 CPU / 64 CUDA)")
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 512 CPU / 1024 CUDA)")
-    p.add_argument("--steps", type=int, default=None, help="inner-loop steps T_fast (default: the preset's)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="inner-loop steps T_fast (default: the preset's on CUDA, 8 on CPU to finish in ~2 min)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default fp32 on CPU, bf16 on CUDA")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
-    p.add_argument("--repeats", type=int, default=1, help="timed runs per variant (median reported)")
+    p.add_argument("--variants", default=None, help=f"comma-separated subset of {VARIANTS}")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per variant (the median is reported)")
     p.add_argument("--check-steps", type=int, default=2,
                    help="inner-loop steps of the correctness check against eager (also the warm-up)")
+    p.add_argument("--check-rtol", type=float, default=None,
+                   help="max relative error vs eager for a variant to count as correct (default by dtype)")
+    p.add_argument("--sweep", choices=sorted(SWEEPS), default=None,
+                   help="scan T_fast (steps), latents per layer (latents) or tokens per sequence (seq)")
+    p.add_argument("--sweep-values", default=None, help="comma-separated values for --sweep")
+    p.add_argument("--train", action="store_true",
+                   help="time training iterations: inner loop + decoder update (Algorithm 1)")
     p.add_argument("--lr", type=float, default=0.34)
     p.add_argument("--schedule", default="cosine")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--check-rtol", type=float, default=None,
-                   help="max relative error vs eager for a variant to count as correct (default by dtype)")
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/<device>_<date>)")
+    p.add_argument("--plot", action="store_true", help="also write a PNG next to the JSON (needs matplotlib)")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/<name>.json)")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        p.error("--device cuda but torch sees no CUDA device")
     args.preset = args.preset or ("ltm-l" if cuda else "ltm-cpu")
     args.batch = args.batch or (64 if cuda else 4)
     args.seq = args.seq or (1024 if cuda else 512)
+    args.steps = args.steps if args.steps is not None else (None if cuda else 8)
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    args.variants = ([v.strip() for v in args.variants.split(",") if v.strip()] if args.variants
+                     else list(DEFAULT_VARIANTS["cuda" if cuda else "cpu"]))
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {VARIANTS}")
-    if args.repeats < 1:
-        p.error("--repeats must be >= 1")
+    for name in ("batch", "seq", "repeats", "check_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.steps is not None and args.steps < 1:
+        p.error("--steps must be >= 1")
+    if args.sweep_values and not args.sweep:
+        p.error("--sweep-values needs --sweep")
     return args
+
+
+def sweep_points(args, cfg):
+    """(cfg, seq, steps) per point of the sweep; the single configuration when there is no sweep."""
+    if not args.sweep:
+        return [(cfg, args.seq, args.steps)]
+    values = [int(v) for v in args.sweep_values.split(",")] if args.sweep_values else SWEEPS[args.sweep]
+    points = []
+    for v in values:
+        if args.sweep == "steps":
+            points.append((cfg, args.seq, v))
+        elif args.sweep == "latents":  # latents per layer; n_z is the total
+            points.append((LTMConfig.from_name(args.preset, n_z=v * cfg.n_layer), args.seq, args.steps))
+        elif v <= cfg.max_seq_len:
+            points.append((cfg, v, args.steps))
+    return points
 
 
 def main(argv=None, wrong_variant=None) -> dict:
     """Run the benchmark; `wrong_variant` (tests only) perturbs one variant's result to exercise the gate."""
     args = parse_args(argv)
+    commit = git_commit()  # before the run: edits made while it runs do not belong to these numbers
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     cfg = LTMConfig.from_name(args.preset)
     args.steps = cfg.t_fast if args.steps is None else args.steps
     if args.seq > cfg.max_seq_len:
         raise SystemExit(f"--seq {args.seq} is longer than {args.preset}'s context ({cfg.max_seq_len})")
-    check_steps = max(1, min(args.check_steps, args.steps))
-    rtol = args.check_rtol or {torch.float64: 1e-9, torch.float32: 2e-3}.get(dtype, 5e-2)
-    print(f"inner loop: {args.preset} ({cfg.n_layer} layers, d {cfg.d_model}, n_z {cfg.n_z}, "
-          f"vocab {cfg.vocab_size}), batch {args.batch} x {args.seq} tokens, T {args.steps}, {args.dtype}, "
-          f"{device}", flush=True)
-
-    commit = git_commit()  # before the run: edits made while it runs do not belong to these numbers
-    torch.manual_seed(args.seed)
+    info = device_info(device)
     status = backend_status()
-    model = LTMDecoder(cfg, backend="eager").to(device=device, dtype=dtype)
-    backend_models, skipped = {}, {}
-    for variant in args.variants:
-        if variant == "reference":
-            continue
-        ok, reason = status[variant]
-        if ok:
-            backend_models[variant] = LTMDecoder(cfg, backend=variant).to(device=device, dtype=dtype)
-            backend_models[variant].load_state_dict(model.state_dict())
-        else:
-            skipped[variant] = reason
-    gen = torch.Generator(device=device).manual_seed(args.seed + 1)
-    shape = (args.batch, cfg.n_z, cfg.d_model)
-    tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device=device, generator=gen)
-    pdtype = torch.promote_types(dtype, torch.float32)
-    inputs = (tokens[:, :-1], tokens[:, 1:],
-              0.01 * torch.randn(shape, device=device, dtype=pdtype, generator=gen),
-              -5 + 0.1 * torch.randn(shape, device=device, dtype=pdtype, generator=gen),
-              torch.randn(shape, device=device, dtype=pdtype, generator=gen))
+    print(f"inner-loop benchmark on {info['name']} ({device}), torch {info['torch']}, commit {commit}", flush=True)
+    peaks = {"datasheet": datasheet_peak_tflops(info["name"]) if device.type == "cuda" else None,
+             "measured_matmul": measured_matmul_tflops(device, dtype)}
+    print(f"peak TFLOP/s: datasheet {peaks['datasheet'] or 'n/a'}, measured matmul {peaks['measured_matmul']:.2f} "
+          f"({args.dtype})", flush=True)
 
-    baseline = None
-    if "eager" in backend_models:
-        print("  eager: correctness baseline run ...", flush=True)
-        baseline = make_runner("eager", model, backend_models, inputs, args, check_steps)()
+    runs = []
+    for point_cfg, seq, steps in sweep_points(args, cfg):
+        run = run_configuration(args, point_cfg, args.batch, seq, steps, device, dtype, status, peaks, wrong_variant)
+        print_table(run["variants"])
+        runs.append(run)
+    if args.train:
+        published = PUBLISHED_TRAIN_MS.get((args.preset, args.steps))
+        if published:
+            print(f"published per-iteration time ({args.preset}, T {args.steps}, 8 x H100, 64 x 1024 tokens per GPU):"
+                  f" {published} ms")
 
-    rows = {}
-    for variant in args.variants:
-        if variant in skipped:
-            rows[variant] = {"status": "unavailable", "reason": skipped[variant]}
-            print(f"  {variant}: unavailable ({skipped[variant]})", flush=True)
-            continue
-        print(f"  {variant}: checking {check_steps} step(s) against eager ...", flush=True)
-        mu, logvar = make_runner(variant, model, backend_models, inputs, args, check_steps)()  # also the warm-up
-        if variant == wrong_variant:
-            mu = mu + 1.0
-        errors = None if baseline is None else {"mu": max_rel_error(mu, baseline[0]),
-                                                "logvar": max_rel_error(logvar, baseline[1])}
-        if errors is not None and max(errors.values()) > rtol:
-            rows[variant] = {"status": "wrong", "max_rel_error": errors, "rtol": rtol}
-            print(f"  {variant}: WRONG (max relative error {errors} > {rtol}); not timed", flush=True)
-            continue
-        print(f"  {variant}: timing {args.repeats} run(s) ...", flush=True)
-        times = time_runs(make_runner(variant, model, backend_models, inputs, args, args.steps), device,
-                          args.repeats)
-        median = statistics.median(times)
-        rows[variant] = {"status": "ok", "max_rel_error": errors, "times_s": times, "median_s": median,
-                         "ms_per_loop": 1e3 * median, "ms_per_step": 1e3 * median / max(args.steps, 1),
-                         "tokens_per_s": args.batch * args.seq * args.steps / median}
-
-    ref = rows.get("reference", {}).get("median_s")
-    for row in rows.values():
-        if row["status"] == "ok" and ref:
-            row["speedup_vs_reference"] = ref / row["median_s"]
-    print_table(rows)
-
-    result = {"benchmark": "inner_loop", "date": dt.datetime.now().isoformat(timespec="seconds"),
-              "commit": commit, "device": device_info(device), "backends": status,
-              "config": {"preset": args.preset, **cfg.to_dict(), "batch": args.batch, "seq": args.seq,
-                         "steps": args.steps, "dtype": args.dtype, "lr": args.lr, "schedule": args.schedule,
-                         "weight_decay": args.weight_decay, "repeats": args.repeats, "seed": args.seed,
-                         "check_steps": check_steps, "check_rtol": rtol},
-              "variants": rows}
-    out = args.out or RESULTS_DIR / f"inner_loop_{_slug(result['device']['name'])}_{dt.date.today()}.json"
+    label = {"steps": "T_fast", "latents": "latents per layer", "seq": "tokens per sequence"}
+    field = {"steps": "steps", "latents": "n_z", "seq": "seq"}
+    result = {"benchmark": "inner_loop" + ("_train" if args.train else ""),
+              "date": dt.datetime.now().isoformat(timespec="seconds"), "commit": commit, "device": info,
+              "backends": status, "peak_tflops": peaks, "preset": args.preset, "dtype": args.dtype,
+              "variants_requested": args.variants, "repeats": args.repeats, "seed": args.seed,
+              "lr": args.lr, "schedule": args.schedule, "weight_decay": args.weight_decay,
+              "sweep": {"name": args.sweep, "field": field[args.sweep], "label": label[args.sweep]}
+              if args.sweep else None,
+              "published_train_ms": PUBLISHED_TRAIN_MS.get((args.preset, args.steps)) if args.train else None,
+              "runs": runs}
+    name = "_".join(filter(None, ["inner_loop", "train" if args.train else None,
+                                  f"sweep-{args.sweep}" if args.sweep else None,
+                                  _slug(info["name"]), str(dt.date.today())]))
+    out = args.out or RESULTS_DIR / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
+    if args.plot:
+        write_plot(result, out.with_suffix(".png"))
     return result
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text).strip("-").lower()[:48] or "device"
-
-
-def print_table(rows: dict):
-    header = f"{'variant':<10} {'ms/loop':>10} {'ms/step':>9} {'tokens/s':>10} {'vs ref':>7}  note"
-    print(header)
-    print("-" * len(header))
-    for name, row in rows.items():
-        if row["status"] != "ok":
-            print(f"{name:<10} {'-':>10} {'-':>9} {'-':>10} {'-':>7}  {row['status']}: "
-                  f"{row.get('reason') or row.get('max_rel_error')}")
-            continue
-        speedup = row.get("speedup_vs_reference")
-        print(f"{name:<10} {row['ms_per_loop']:>10.1f} {row['ms_per_step']:>9.1f} {row['tokens_per_s']:>10.0f} "
-              f"{(f'{speedup:.2f}x' if speedup else '-'):>7}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Every hot op goes through `self.ops`, chosen once by `ltm.backends` (the one dis
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -84,6 +85,18 @@ class DecoderLayer(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h, ops), ops)
 
 
+@dataclass
+class KVCache:
+    """Decoding state of LTMDecoder.decode_step (see init_kv_cache)."""
+
+    latent_kv: list          # per layer: (k, v) of its latents, each (B, H, n_z_per_layer, hd), RoPE not applied
+    k: torch.Tensor          # (n_layer, B, H, S, hd): self-attention keys of the last S positions, RoPE not applied
+    v: torch.Tensor          # (n_layer, B, H, S, hd)
+    slot_pos: torch.Tensor   # (S,): the position each slot holds (-1: empty)
+    max_len: int
+    position: int = 0        # tokens consumed so far
+
+
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """cos, sin of shape (len(positions), head_dim // 2); pair i turns at theta^(-2i / head_dim)."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=dtype, device=positions.device) / head_dim)
@@ -99,7 +112,8 @@ class LTMDecoder(nn.Module):
         if not isinstance(cfg, LTMConfig):
             raise TypeError(f"cfg must be an LTMConfig, got {type(cfg).__name__}")
         self.cfg = cfg
-        self.backend = backends.check_backend(backend)
+        self._backend = backends.check_backend(backend)
+        self._ops = None
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -128,8 +142,21 @@ class LTMDecoder(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str):
+        self._backend = backends.check_backend(name)
+        self._ops = None
+
+    @property
     def ops(self) -> backends.Ops:
-        return backends.select_ops(self.backend, self.tok_embeddings.weight.device)
+        """The op implementations for this backend on the model's device. Resolved once per device/backend
+        and kept as a plain attribute, so torch.compile sees a constant instead of tracing the dispatcher."""
+        if self._ops is None:
+            self._ops = backends.select_ops(self._backend, self.tok_embeddings.weight.device)
+        return self._ops
 
     def _rope(self, n_tokens: int, device: torch.device, dtype: torch.dtype):
         """RoPE tables for token positions 0..N-1 and the latent key positions; fp32 (fp64 for fp64 models)."""
@@ -144,7 +171,7 @@ class LTMDecoder(nn.Module):
         return self._rope_cache[key]
 
     def _apply(self, fn, recurse=True):
-        self._rope_cache = {}  # tables follow the model's device
+        self._rope_cache, self._ops = {}, None  # tables and kernels follow the model's device
         return super()._apply(fn, recurse)
 
     # ---------------------------------------------------------------- input checks
@@ -227,6 +254,70 @@ class LTMDecoder(nn.Module):
 
         return infer_posterior(self, tokens, targets, steps=steps, lr=lr, schedule=schedule,
                                weight_decay=weight_decay, mu=mu, logvar=logvar, noise=noise, generator=generator)
+
+    # ---------------------------------------------------------------- KV-cache decoding (generation)
+    # Each new token costs one small forward: the latents' keys/values are projected once per sequence, and
+    # the self-attention keys/values of the last `window_size` positions live in a ring buffer (slot =
+    # position % size). A query at position p attends to exactly the cached positions p-W+1..p, so the
+    # backend's `latent_attention` op (unmasked, separate RoPE tables for queries and keys) computes it.
+    def init_kv_cache(self, z: torch.Tensor, max_len: int) -> "KVCache":
+        """An empty cache for decoding up to `max_len` (<= max_seq_len) tokens given latents z (B, n_z, d)."""
+        cfg = self.cfg
+        if not isinstance(max_len, int) or not 0 < max_len <= cfg.max_seq_len:
+            raise ValueError(f"max_len must be an int in [1, max_seq_len={cfg.max_seq_len}], got {max_len!r}")
+        dtype, device = self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device
+        batch = z.shape[0] if isinstance(z, torch.Tensor) and z.dim() > 0 else 0
+        z = self.check_latent(z, batch, "z").to(dtype).view(batch, cfg.n_layer, cfg.n_z_per_layer, cfg.d_model)
+        latent_kv = []
+        for i, layer in enumerate(self.layers):
+            ca = layer.cross_attention
+            latent_kv.append((ca.split_heads(ca.wk(z[:, i])), ca.split_heads(ca.wv(z[:, i]))))
+        size = min(cfg.window_size, max_len)
+        shape = (cfg.n_layer, batch, cfg.n_head, size, cfg.head_dim)
+        return KVCache(latent_kv=latent_kv, k=torch.zeros(shape, dtype=dtype, device=device),
+                       v=torch.zeros(shape, dtype=dtype, device=device),
+                       slot_pos=torch.full((size,), -1, dtype=torch.long, device=device), max_len=max_len)
+
+    def decode_step(self, tokens: torch.Tensor, cache: "KVCache") -> torch.Tensor:
+        """Logits (B, L, vocab) of `tokens` (B, L) at positions cache.position.. (given everything cached
+        before); appends them to the cache. L > 1 after the first call runs token by token."""
+        tokens = self.check_tokens(tokens)
+        batch, n = tokens.shape
+        if batch != cache.k.shape[1]:
+            raise ValueError(f"tokens has batch {batch} but the cache was made for batch {cache.k.shape[1]}")
+        if cache.position + n > cache.max_len:
+            raise ValueError(f"tokens would take the cache to {cache.position + n} positions, beyond its "
+                             f"max_len={cache.max_len}")
+        if cache.position > 0 and n > 1:
+            return torch.cat([self.decode_step(tokens[:, i:i + 1], cache) for i in range(n)], dim=1)
+        cfg, ops = self.cfg, self.ops
+        x = self.tok_embeddings(tokens)
+        (cos, sin), rope_latents = self._rope(cache.max_len, x.device, x.dtype)
+        p, size = cache.position, cache.k.shape[3]
+        cos_q, sin_q = cos[p:p + n], sin[p:p + n]
+        # Slots written by this call: the last `size` of its positions.
+        new_pos = torch.arange(max(p, p + n - size), p + n, device=x.device)
+        slots = new_pos % size
+        cache.slot_pos[slots] = new_pos
+        for i, layer in enumerate(self.layers):
+            sa = layer.attention
+            x_norm = layer.attention_norm(x, ops)
+            q, k, v = (sa.split_heads(w(x_norm)) for w in (sa.wq, sa.wk, sa.wv))
+            cache.k[i][:, :, slots], cache.v[i][:, :, slots] = k[:, :, -len(slots):], v[:, :, -len(slots):]
+            if p == 0:  # prefill from position 0: exactly the full forward's attention
+                attn = ops.self_attention(q, k, v, cos_q, sin_q, cfg.window_size)
+            else:  # one token: all valid slots hold exactly its window
+                valid = min(p + 1, size)
+                kp = cache.slot_pos[:valid]
+                attn = ops.latent_attention(q, cache.k[i][:, :, :valid], cache.v[i][:, :, :valid], cos_q, sin_q,
+                                            cos[kp], sin[kp])
+            h = x + sa.wo(sa.merge_heads(attn))
+            ca = layer.cross_attention
+            q = ca.split_heads(ca.wq(layer.cross_attention_norm(h, ops)))
+            h = h + ca.wo(ca.merge_heads(ops.latent_attention(q, *cache.latent_kv[i], cos_q, sin_q, *rope_latents)))
+            x = h + layer.feed_forward(layer.ffn_norm(h, ops), ops)
+        cache.position = p + n
+        return self.output(self.norm(x, ops))
 
     # ---------------------------------------------------------------- checkpoints
     def load_published_state_dict(self, state_dict) -> None:

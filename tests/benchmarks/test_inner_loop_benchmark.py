@@ -1,9 +1,11 @@
-"""benchmarks/inner_loop.py at a tiny size: the JSON it writes, and the correctness gate."""
+"""benchmarks/inner_loop.py at a tiny size: the JSON it writes, the correctness gate, sweeps, training mode."""
 import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+
+from ltm import LTMConfig
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "inner_loop.py"
 
@@ -21,27 +23,58 @@ TINY = ["--preset", "ltm-tiny", "--batch", "2", "--seq", "24", "--steps", "3", "
 
 def test_writes_the_result_file(bench, tmp_path):
     out = tmp_path / "result.json"
-    result = bench.main(TINY + ["--out", str(out)])
+    result = bench.main(TINY + ["--variants", "reference,eager,fused,fused+graph", "--out", str(out)])
     on_disk = json.loads(out.read_text())
     assert on_disk == json.loads(json.dumps(result))
     assert on_disk["benchmark"] == "inner_loop"
-    assert {"commit", "date", "device", "backends", "config", "variants"} <= set(on_disk)
+    assert {"commit", "date", "device", "backends", "peak_tflops", "runs"} <= set(on_disk)
     assert on_disk["device"]["torch"] and on_disk["device"]["name"]
-    assert on_disk["config"]["steps"] == 3 and on_disk["config"]["batch"] == 2 and on_disk["config"]["seq"] == 24
-    assert set(on_disk["variants"]) == set(bench.VARIANTS)
-    for name in ("reference", "eager", "auto"):
-        row = on_disk["variants"][name]
+    assert on_disk["peak_tflops"]["measured_matmul"] > 0
+    (run,) = on_disk["runs"]
+    assert run["config"]["steps"] == 3 and run["config"]["batch"] == 2 and run["config"]["seq"] == 24
+    assert run["config"]["model_flops_per_loop"] > 0
+    rows = run["variants"]
+    assert set(rows) == {"reference", "eager", "fused", "fused+graph"}
+    for name in ("reference", "eager", "fused"):
+        row = rows[name]
         assert row["status"] == "ok", row
         assert len(row["times_s"]) == 1 and row["ms_per_loop"] > 0 and row["tokens_per_s"] > 0
-    assert on_disk["variants"]["reference"]["speedup_vs_reference"] == pytest.approx(1.0)
+        assert 0 < row["mfu_vs_measured_matmul"]
+    assert rows["reference"]["speedup_vs_reference"] == pytest.approx(1.0)
+    assert rows["fused+graph"]["status"] == "unavailable" and "CUDA" in rows["fused+graph"]["reason"]
 
 
 def test_a_wrong_variant_is_reported_not_timed(bench, tmp_path):
     result = bench.main(TINY + ["--variants", "eager,reference", "--out", str(tmp_path / "r.json")],
                         wrong_variant="reference")
-    row = result["variants"]["reference"]
-    assert row["status"] == "wrong" and "times_s" not in row
-    assert result["variants"]["eager"]["status"] == "ok"
+    rows = result["runs"][0]["variants"]
+    assert rows["reference"]["status"] == "wrong" and "times_s" not in rows["reference"]
+    assert rows["eager"]["status"] == "ok"
+
+
+def test_sweep_and_training_mode(bench, tmp_path):
+    result = bench.main(TINY + ["--variants", "eager", "--sweep", "steps", "--sweep-values", "1,2",
+                                "--out", str(tmp_path / "s.json")])
+    assert [run["config"]["steps"] for run in result["runs"]] == [1, 2]
+    result = bench.main(TINY + ["--variants", "eager", "--sweep", "latents", "--sweep-values", "1,2",
+                                "--out", str(tmp_path / "l.json")])
+    assert [run["config"]["n_z"] for run in result["runs"]] == [2, 4]
+    result = bench.main(TINY + ["--variants", "reference,fused", "--train", "--out", str(tmp_path / "t.json")])
+    assert result["benchmark"] == "inner_loop_train"
+    assert all(row["status"] == "ok" for row in result["runs"][0]["variants"].values())
+
+
+def test_flop_count_matches_a_hand_count():
+    """1 layer, d 64, window 2, 3 tokens, 1 latent, vocab 10: counted term by term."""
+    cfg = LTMConfig(vocab_size=10, n_layer=1, n_head=1, d_model=64, max_seq_len=4, window_size=2, n_z=1, d_ff=32)
+    d, f, n, m, keys = 64, 32, 3, 1, 1 + 2 + 2
+    linear = n * (2 * 4 * d * d + 2 * 2 * d * d + 2 * 3 * d * f) + m * 2 * 2 * d * d
+    attention = 4 * d * keys + 4 * d * m * n
+    head = 2 * n * d * 10
+    spec = importlib.util.spec_from_file_location("inner_loop_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.inner_step_flops(cfg, 2, n) == 2 * ((linear + attention + head) + (linear + 2 * attention + head))
 
 
 def test_bad_arguments_are_refused(bench):
@@ -49,3 +82,5 @@ def test_bad_arguments_are_refused(bench):
         bench.main(TINY + ["--variants", "fastest"])
     with pytest.raises(SystemExit):
         bench.main(["--preset", "ltm-tiny", "--seq", "65", "--device", "cpu"])
+    with pytest.raises(SystemExit):
+        bench.main(TINY + ["--sweep-values", "1,2"])
