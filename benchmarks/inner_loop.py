@@ -1,15 +1,16 @@
 """The main benchmark: the LTM inner loop (posterior inference), timed side by side.
 
 Variants, on the same weights, tokens and initial (mu, logvar, noise):
-  reference      the published recipe: eager model, dense-mask SDPA, `loss.backward()` through the whole
-                 model (decoder weight gradients included), `torch.optim.AdamW` on (mu, logvar)
+  reference      the published recipe: eager model, dense-mask SDPA, full logits into F.cross_entropy,
+                 `loss.backward()` through the whole model (decoder weight gradients included),
+                 `torch.optim.AdamW` on (mu, logvar)
   eager          our model, `backend="eager"`: gradients to (mu, logvar) only
   compiled       `eager` with the decoder's forward under `torch.compile` (backward compiled by AOTAutograd;
                  decoder weights frozen so no weight gradient is compiled in)
   compiled-max   the same with mode="max-autotune-no-cudagraphs" (CUDA only)
   cpp, triton    one backend for every op it implements (eager for the rest)
-  fused          `backend="auto"`: the fastest implementation of each op on this device
-  fused+graph    the whole T-step loop captured in one CUDA graph (CUDA only)
+  fused          `backend="auto"` ops on the static-buffer engine (ltm.engine.InnerLoop), no graph
+  fused+graph    the same engine with all T steps captured in one CUDA graph (CUDA only)
 Each variant is first checked over a few steps against `eager`: one that disagrees is reported as wrong
 and not timed; one that cannot run here is reported with the reason. Results: a table on stdout and a
 JSON file under benchmarks/results/ (device, versions, commit, configuration, every raw timing).
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -40,7 +42,9 @@ from pathlib import Path
 import torch
 
 from ltm import LTMConfig, LTMDecoder, backend_status
+from ltm.engine import InnerLoop
 from ltm.posterior import ADAM_BETAS, ADAM_EPS, scheduled_lr
+from ltm_kernels import reference
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 VARIANTS = ("reference", "eager", "compiled", "compiled-max", "cpp", "triton", "fused", "fused+graph")
@@ -115,13 +119,16 @@ def build_variant(variant: str, base: LTMDecoder, status: dict) -> LTMDecoder:
     """A model for `variant` with `base`'s weights; raises Unavailable saying why it cannot run here."""
     device = base.tok_embeddings.weight.device
     if variant == "reference":
-        return base
-    if variant == "fused+graph":
-        raise Unavailable("needs CUDA" if device.type != "cuda" else
-                          "the CUDA-graph inner-loop engine is not implemented yet (issue 5)")
+        # The published head: full logits through F.linear + F.cross_entropy (the eager backend's is chunked).
+        model = copy.deepcopy(base)
+        model._ops = dataclasses.replace(model.ops, lm_head_nll=reference.lm_head_nll_ref)
+        return model
+    if variant == "fused+graph" and device.type != "cuda":
+        raise Unavailable("CUDA graphs need a CUDA device")
     if variant == "compiled-max" and device.type != "cuda":
         raise Unavailable("max-autotune-no-cudagraphs is benchmarked on CUDA only")
-    backend = {"fused": "auto", "compiled": "eager", "compiled-max": "eager"}.get(variant, variant)
+    backend = {"fused": "auto", "fused+graph": "auto", "compiled": "eager", "compiled-max": "eager"}.get(variant,
+                                                                                                       variant)
     ok, reason = status[backend]
     if not ok:
         raise Unavailable(reason)
@@ -140,6 +147,18 @@ def make_runner(variant, model, inputs, args, steps):
     if variant == "reference":
         return lambda: reference_inner_loop(model, tokens, targets, steps, args.lr, args.schedule,
                                             args.weight_decay, mu, logvar, noise)
+    if variant in ("fused", "fused+graph"):
+        # The static-buffer engine: inputs loaded and the graph captured here, outside the timed region;
+        # a timed run is `execute` alone (one graph replay per loop for fused+graph).
+        loop = InnerLoop(model, tokens.shape[0], tokens.shape[1], steps=steps, lr=args.lr, schedule=args.schedule,
+                         weight_decay=args.weight_decay, graph=variant == "fused+graph")
+        loop.load(tokens, targets, mu, logvar, noise)
+        loop.capture()
+
+        def run_engine():
+            loop.execute()
+            return loop.mu, loop.logvar
+        return run_engine
 
     def run():
         post = model.infer_posterior(tokens, targets, steps=steps, lr=args.lr, schedule=args.schedule,

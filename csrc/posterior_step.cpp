@@ -1,5 +1,7 @@
 // CPU kernel of ltm::posterior_step (schema in ltm_ops.cpp, math and reference in
-// ltm_kernels/posterior_step.py and ltm_kernels/reference.py).
+// ltm_kernels/posterior_step.py and ltm_kernels/reference.py; schedule, AdamW and checks shared with the
+// CUDA kernel in posterior_step.h). The step counter is read here on the host (free on CPU), the scheduled lr
+// computed in double, and the counter incremented after the update.
 //
 // One pass over memory: per element it reads 8 values (mu, logvar, 4 moments, grad_z, noise) and writes 7
 // (mu, logvar, 4 moments, z), where the eager version makes ~30 full-tensor passes.
@@ -30,6 +32,8 @@
 #include <ATen/Version.h>
 #include <torch/library.h>
 
+#include "posterior_step.h"
+
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -49,8 +53,12 @@ constexpr std::array<const char*, 9> kNames = {
     "mu", "logvar", "exp_avg_mu", "exp_avg_sq_mu", "exp_avg_logvar", "exp_avg_sq_logvar", "z",
     "grad_z", "noise"};
 
-void check_inputs(const std::array<const at::Tensor*, 9>& ts, double lr, int64_t step, double beta1,
-                  double beta2, double eps, double weight_decay) {
+}  // namespace
+
+void check_posterior_step_inputs(const std::array<const at::Tensor*, 9>& ts,
+                                 const std::array<const at::Tensor*, 2>& inputs, const at::Tensor& step, double lr,
+                                 int64_t total_steps, int64_t schedule, double beta1, double beta2, double eps,
+                                 double weight_decay) {
   const at::Tensor& mu = *ts[0];
   for (size_t i = 1; i < ts.size(); ++i) {
     const at::Tensor& t = *ts[i];
@@ -74,7 +82,22 @@ void check_inputs(const std::array<const at::Tensor*, 9>& ts, double lr, int64_t
                   kNames[i], " and ", kNames[j], " must not share memory");
     }
   }
-  TORCH_CHECK(step >= 1, "posterior_step: step must be >= 1 (the 1-based count of updates), got ", step);
+  // The kernels read a block of elements before they write them: an input may be the very memory of an
+  // updated tensor (each element is read before it is written, as in the reference), but not a shifted view.
+  for (int k = 0; k < 2; ++k) {
+    for (int i = 0; i < kNumMutable; ++i) {
+      TORCH_CHECK(at::get_overlap_status(*inputs[k], *ts[i]) != at::MemOverlapStatus::Partial, "posterior_step: ",
+                  kNames[7 + k], " must not partially overlap ", kNames[i]);
+    }
+  }
+  TORCH_CHECK(step.scalar_type() == at::kLong && step.numel() == 1,
+              "posterior_step: step must be an int64 tensor with one element (the number of updates done), got ",
+              step.scalar_type(), " of shape ", step.sizes());
+  TORCH_CHECK(step.device() == mu.device(), "posterior_step: step must be on the device of mu (", mu.device(),
+              "), got ", step.device());
+  TORCH_CHECK(total_steps >= 1, "posterior_step: total_steps must be >= 1, got ", total_steps);
+  TORCH_CHECK(schedule == kCosine || schedule == kLinear || schedule == kConstant,
+              "posterior_step: schedule must be 0 (cosine), 1 (linear) or 2 (constant), got ", schedule);
   TORCH_CHECK(lr >= 0, "posterior_step: lr must be >= 0, got ", lr);
   TORCH_CHECK(beta1 >= 0 && beta1 < 1, "posterior_step: beta1 must be in [0, 1), got ", beta1);
   TORCH_CHECK(beta2 >= 0 && beta2 < 1, "posterior_step: beta2 must be in [0, 1), got ", beta2);
@@ -82,43 +105,7 @@ void check_inputs(const std::array<const at::Tensor*, 9>& ts, double lr, int64_t
   TORCH_CHECK(weight_decay >= 0, "posterior_step: weight_decay must be >= 0, got ", weight_decay);
 }
 
-// AdamW with the op order of torch.optim.AdamW's single-tensor path, so that both agree to rounding.
-// Scalars are combined in double (as Python does there) and rounded once to the compute type.
-template <typename opmath_t>
-struct AdamW {
-  opmath_t decay, lerp_w, one_minus_lerp_w, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps;
-
-  AdamW(double lr, int64_t step, double beta1, double beta2_, double eps_, double weight_decay)
-      : decay(1.0 - lr * weight_decay),
-        lerp_w(1.0 - beta1),
-        one_minus_lerp_w(opmath_t(1) - lerp_w),
-        beta2(beta2_),
-        one_minus_beta2(1.0 - beta2_),
-        neg_step_size(-(lr / (1.0 - std::pow(beta1, static_cast<double>(step))))),
-        bias_correction2_sqrt(std::sqrt(1.0 - std::pow(beta2_, static_cast<double>(step)))),
-        eps(eps_) {}
-
-  // Which of torch.lerp's two formulas exp_avg.lerp_(grad, 1 - beta1) takes (it picks by weight < 0.5);
-  // a template argument of the loop, so that no per-element select on it is needed.
-  bool lerp_from_m() const { return lerp_w < opmath_t(0.5); }
-};
-
-template <typename opmath_t>
-struct AdamWResult {
-  opmath_t p, m, v;
-};
-
-// One AdamW update of parameter p with gradient g and moments (m, v). By value, so that it inlines into
-// the SIMD loop as plain arithmetic.
-template <bool kLerpFromM, typename opmath_t>
-inline AdamWResult<opmath_t> adamw_update(const AdamW<opmath_t>& a, opmath_t p, opmath_t g, opmath_t m,
-                                          opmath_t v) {
-  p = p * a.decay;
-  m = kLerpFromM ? m + a.lerp_w * (g - m) : g - (g - m) * a.one_minus_lerp_w;
-  v = v * a.beta2 + a.one_minus_beta2 * g * g;
-  const opmath_t denom = std::sqrt(v) / a.bias_correction2_sqrt + a.eps;
-  return {p + a.neg_step_size * m / denom, m, v};
-}
+namespace {
 
 // exp for float in plain arithmetic, so that GCC vectorises the loop around it (a call to libm's expf
 // cannot be). Cephes expf: x = n ln2 + r with |r| <= ln2 / 2 (Cody-Waite: n * kLn2Hi is exact), exp(r) as
@@ -327,6 +314,7 @@ template <typename scalar_t>
 void posterior_step_impl(const std::array<const at::Tensor*, 9>& ts, const at::Tensor& grad_z,
                          const at::Tensor& noise, double lr, int64_t step, double beta1, double beta2,
                          double eps, double weight_decay) {
+  // `lr` is this update's scheduled rate and `step` its 1-based count (posterior_step_cpu reads the counter).
   // bf16 / fp16 / fp32 compute in float, fp64 in double; loads and stores stay in the tensor's dtype.
   using opmath_t = at::opmath_type<scalar_t>;
   using raw_t = typename Io<scalar_t>::raw_t;
@@ -347,26 +335,24 @@ void posterior_step_impl(const std::array<const at::Tensor*, 9>& ts, const at::T
 
 void posterior_step_cpu(at::Tensor& mu, at::Tensor& logvar, at::Tensor& exp_avg_mu, at::Tensor& exp_avg_sq_mu,
                         at::Tensor& exp_avg_logvar, at::Tensor& exp_avg_sq_logvar, at::Tensor& z,
-                        const at::Tensor& grad_z, const at::Tensor& noise, double lr, int64_t step, double beta1,
-                        double beta2, double eps, double weight_decay) {
+                        const at::Tensor& grad_z, const at::Tensor& noise, at::Tensor& step, double lr,
+                        int64_t total_steps, int64_t schedule, double beta1, double beta2, double eps,
+                        double weight_decay) {
   const std::array<const at::Tensor*, 9> ts = {&mu, &logvar, &exp_avg_mu, &exp_avg_sq_mu, &exp_avg_logvar,
                                                &exp_avg_sq_logvar, &z, &grad_z, &noise};
-  check_inputs(ts, lr, step, beta1, beta2, eps, weight_decay);
   // Read-only inputs may be strided views (e.g. a transposed gradient); the kernel indexes them flat.
   const at::Tensor g = grad_z.contiguous();
   const at::Tensor e = noise.contiguous();
-  // The SIMD loop reads a block of lanes before it writes them: an input may be the very memory of an
-  // updated tensor (each element is read before it is written, as in the reference), but not a shifted view.
-  const std::array<const at::Tensor*, 2> inputs = {&g, &e};
-  for (int k = 0; k < 2; ++k) {
-    for (int i = 0; i < kNumMutable; ++i) {
-      TORCH_CHECK(at::get_overlap_status(*inputs[k], *ts[i]) != at::MemOverlapStatus::Partial, "posterior_step: ",
-                  kNames[7 + k], " must not partially overlap ", kNames[i]);
-    }
-  }
+  check_posterior_step_inputs(ts, {&g, &e}, step, lr, total_steps, schedule, beta1, beta2, eps, weight_decay);
+  // The counter holds the updates done so far: this is update t + 1, at the scheduled lr of step t.
+  int64_t* counter = step.mutable_data_ptr<int64_t>();
+  const int64_t t = *counter;
+  TORCH_CHECK(t >= 0, "posterior_step: step must hold the number of updates done (>= 0), got ", t);
+  const double lr_t = scheduled_lr(t, total_steps, lr, schedule);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, mu.scalar_type(), "posterior_step_cpu", [&] {
-    posterior_step_impl<scalar_t>(ts, g, e, lr, step, beta1, beta2, eps, weight_decay);
+    posterior_step_impl<scalar_t>(ts, g, e, lr_t, t + 1, beta1, beta2, eps, weight_decay);
   });
+  *counter = t + 1;
 }
 
 }  // namespace

@@ -4,8 +4,15 @@ Backends (DESIGN section 4):
 - ``eager``  plain PyTorch (`ltm_kernels.reference`): the readable reference and the fallback everywhere.
 - ``cpp``    the compiled extension `ltm_kernels._C` for the ops it implements on the model's device;
              the remaining ops run eagerly. Asking for it without a built extension is an error.
-- ``triton`` fused Triton kernels on CUDA (or on CPU under TRITON_INTERPRET=1).
-- ``auto``   the fastest implementation available for each op on the model's device.
+- ``triton`` fused Triton kernels (`rms_norm`, `add_rms_norm`, `swiglu`, `lm_head_nll`, `posterior_step`) on
+             CUDA, or on CPU tensors under TRITON_INTERPRET=1 (slow, fp32: for tests); ops without a Triton
+             kernel yet (self/latent attention) run eagerly, as `Ops.impl` records.
+- ``auto``   the fastest implementation available for each op on the model's device: Triton kernels on
+             CUDA (half and fp32 tensors), the extension where built, else eager. Never the interpreter.
+
+The eager LM head (`lm_head_nll` of eager / cpp / auto on CPU) is the chunked PyTorch loss
+`ltm_kernels.chunked_linear_cross_entropy`, so no backend materialises (B*N, V) logits;
+`reference.lm_head_nll_ref` remains the readable definition the tests compare against.
 
 `ltm/` reaches the kernels only through this module; the kernels know nothing of the model.
 """
@@ -32,6 +39,7 @@ class Ops:
     """The implementations one model uses. `impl` maps op name -> backend that provides it (for reports)."""
 
     rms_norm: Callable
+    add_rms_norm: Callable
     swiglu: Callable
     self_attention: Callable
     latent_attention: Callable
@@ -42,23 +50,41 @@ class Ops:
 
 _EAGER = dict(
     rms_norm=reference.rms_norm_ref,
+    add_rms_norm=reference.add_rms_norm_ref,
     swiglu=reference.swiglu_ref,
     self_attention=reference.self_attention_ref,
     latent_attention=reference.latent_attention_ref,
-    lm_head_nll=reference.lm_head_nll_ref,
+    lm_head_nll=ltm_kernels.chunked_linear_cross_entropy,
     posterior_step=reference.posterior_step_ref,
 )
 
 # Ops the C++ extension implements, by name (schema `ltm::<name>`); the functional wrappers live in ltm_kernels.
 _CPP = dict(posterior_step=ltm_kernels.posterior_step)
 
+# Ops with a Triton kernel; the first argument's dtype decides whether `auto` may use it.
+_TRITON = dict(
+    rms_norm=ltm_kernels.rms_norm,
+    add_rms_norm=ltm_kernels.add_rms_norm,
+    swiglu=ltm_kernels.swiglu,
+    lm_head_nll=ltm_kernels.linear_cross_entropy,
+)
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-def _triton_status() -> tuple[bool, str]:
-    try:
-        import triton  # noqa: F401
-    except Exception as err:  # a broken triton install must not break `import ltm`
-        return False, f"triton is not installed or failed to import ({err})"
-    return False, "no Triton kernels are implemented yet (attention / LM-head / posterior-step issues)"
+
+def _triton_else_eager(name: str) -> Callable:
+    """For `auto`: the Triton kernel for the dtypes it takes, eager otherwise (an fp64 model on CUDA)."""
+    fast, eager = _TRITON[name], _EAGER[name]
+
+    def op(x, *args):
+        return (fast if x.dtype in _TRITON_DTYPES else eager)(x, *args)
+    op.__name__ = op.__qualname__ = f"{name}_triton_else_eager"
+    return op
+
+
+def _posterior_step_triton_else_eager(mu, *args):
+    """For `auto` on CUDA without the C++ CUDA kernel: Triton for fp32/bf16/fp16 latents, eager for fp64."""
+    fast = ltm_kernels.posterior_step_triton if mu.dtype in _TRITON_DTYPES else reference.posterior_step_ref
+    return fast(mu, *args)
 
 
 def backend_status() -> dict[str, tuple[bool, str]]:
@@ -67,8 +93,8 @@ def backend_status() -> dict[str, tuple[bool, str]]:
     return {
         "eager": (True, "plain PyTorch"),
         "cpp": (ext_ok, ext_reason),
-        "triton": _triton_status(),
-        "auto": (True, "cpp where built for the device, else eager"),
+        "triton": ltm_kernels.triton_status(),
+        "auto": (True, "triton on CUDA where installed, cpp where built for the device, else eager"),
     }
 
 
@@ -96,4 +122,20 @@ def select_ops(backend: str, device: torch.device) -> Ops:
                 raise BackendUnavailableError(
                     f"cpp backend: the extension has no {device.type} kernel for ltm::{name} "
                     f"(CUDA kernels are built only when torch has CUDA and nvcc is present)")
+    if backend == "triton" or (backend == "auto" and device.type == "cuda"):
+        if ltm_kernels.triton_device_ok(device):
+            for name, fn in _TRITON.items():
+                chosen[name] = fn if backend == "triton" else _triton_else_eager(name)
+                impl[name] = "triton"
+        elif backend == "triton":
+            raise BackendUnavailableError(
+                f"triton backend: its kernels run on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 "
+                f"is set before ltm is imported; not on {device.type} here")
+    # posterior_step: Triton under `triton`; under `auto` the C++ kernel where built (CPU; CUDA when compiled
+    # with nvcc), else Triton on CUDA, else eager.
+    if ltm_kernels.triton_device_ok(device) and (
+            backend == "triton" or (backend == "auto" and device.type == "cuda" and impl["posterior_step"] != "cpp")):
+        chosen["posterior_step"] = (ltm_kernels.posterior_step_triton if backend == "triton"
+                                    else _posterior_step_triton_else_eager)
+        impl["posterior_step"] = "triton"
     return Ops(**chosen, impl=tuple(sorted(impl.items())))

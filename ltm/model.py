@@ -75,14 +75,17 @@ class DecoderLayer(nn.Module):
         sa = self.attention
         x_norm = self.attention_norm(x, ops)
         q, k, v = (sa.split_heads(w(x_norm)) for w in (sa.wq, sa.wk, sa.wv))
-        h = x + sa.wo(sa.merge_heads(ops.self_attention(q, k, v, *rope_tokens, window)))
+        attended = sa.wo(sa.merge_heads(ops.self_attention(q, k, v, *rope_tokens, window)))
+        # Residual add + the next pre-norm in one op (one pass over h instead of three when fused).
+        h_norm, h = ops.add_rms_norm(x, attended, self.cross_attention_norm.weight, self.cross_attention_norm.eps)
 
         ca = self.cross_attention
-        q = ca.split_heads(ca.wq(self.cross_attention_norm(h, ops)))
+        q = ca.split_heads(ca.wq(h_norm))
         k, v = ca.split_heads(ca.wk(z_layer)), ca.split_heads(ca.wv(z_layer))
-        h = h + ca.wo(ca.merge_heads(ops.latent_attention(q, k, v, *rope_tokens, *rope_latents)))
+        attended = ca.wo(ca.merge_heads(ops.latent_attention(q, k, v, *rope_tokens, *rope_latents)))
+        h_norm, h = ops.add_rms_norm(h, attended, self.ffn_norm.weight, self.ffn_norm.eps)
 
-        return h + self.feed_forward(self.ffn_norm(h, ops), ops)
+        return h + self.feed_forward(h_norm, ops)
 
 
 @dataclass

@@ -1,11 +1,20 @@
 """ltm_kernels: fused kernels for Latent Thought Models, with the eager reference of every op.
 
 Importing this package needs neither the compiled extension `ltm_kernels._C` nor Triton;
-`extension_status()` says whether the extension loaded and, if not, why.
+`extension_status()` says whether the extension loaded and, if not, why, and `triton_status()` whether
+the Triton kernels (`linear_cross_entropy`, `rms_norm`, `add_rms_norm`, `swiglu`) can run here.
 """
 
 from ._extension import extension_status, has_op
+from ._triton import triton_device_ok, triton_status
+from .linear_cross_entropy import chunked_linear_cross_entropy, linear_cross_entropy
 from .posterior_step import posterior_step
-from .reference import kl_ref, posterior_step_ref
+from .posterior_step_triton import posterior_step_triton
+from .reference import SCHEDULES, kl_ref, posterior_step_ref, scheduled_lr
+from .rms_norm import add_rms_norm, rms_norm
+from .swiglu import swiglu
 
-__all__ = ["extension_status", "has_op", "kl_ref", "posterior_step", "posterior_step_ref"]
+__all__ = ["add_rms_norm", "chunked_linear_cross_entropy", "extension_status", "has_op", "kl_ref",
+           "linear_cross_entropy", "posterior_step", "posterior_step_ref", "posterior_step_triton", "rms_norm",
+           "scheduled_lr", "SCHEDULES", "swiglu",
+           "triton_device_ok", "triton_status"]

@@ -5,14 +5,23 @@ CE + sum KL with KL = -0.5 * (1 + logvar - mu^2 - exp(logvar)):
 
     g_mu     = grad_z + mu
     g_logvar = 0.5 * grad_z * noise * sigma + 0.5 * (exp(logvar) - 1)
-    (mu, logvar) <- AdamW((mu, logvar), (g_mu, g_logvar))        # exactly torch.optim.AdamW, 1-based step
+    lr_t         = scheduled_lr(t, total_steps, lr, schedule)     # t = step[0], the updates done so far
+    (mu, logvar) <- AdamW((mu, logvar), (g_mu, g_logvar), lr_t)   # exactly torch.optim.AdamW, 1-based t + 1
     z            <- mu + noise * exp(logvar / 2)                  # the sample for the next step
+    step         <- t + 1
 
 Why fuse: eager PyTorch runs ~30 elementwise kernels here, each a full pass over (B, n_z, d); the fused
 op reads 8 and writes 7 tensors once. The eager math is `reference.posterior_step_ref`.
 
-The op `torch.ops.ltm.posterior_step` (schema in csrc/ltm_ops.cpp, CPU kernel in csrc/posterior_step.cpp)
-mutates its first seven arguments and returns nothing.
+The step counter is a device tensor, and the learning rate is computed from it inside the kernel: a CUDA
+graph freezes scalar arguments at capture, so with host `lr, step` scalars every step of the inner loop
+would be a different launch and the T-step loop could not be one graph. (We changed the one op rather than
+adding a second, scheduled one: the scheduled op does everything the old one did, the constant schedule
+giving a fixed lr, and two ops would be two kernels per device to keep in step.)
+
+The op `torch.ops.ltm.posterior_step` (schema in csrc/ltm_ops.cpp, CPU kernel in csrc/posterior_step.cpp,
+CUDA kernel in csrc/cuda/posterior_step.cu) mutates mu, logvar, the four moments, z and step and returns
+nothing. A Triton kernel of the same op is `ltm_kernels.posterior_step_triton`.
 """
 
 from __future__ import annotations
@@ -24,8 +33,8 @@ from ._extension import extension_status, has_op, on_load
 
 
 def _posterior_step_fake(
-    mu, logvar, exp_avg_mu, exp_avg_sq_mu, exp_avg_logvar, exp_avg_sq_logvar, z, grad_z, noise,
-    lr, step, beta1, beta2, eps, weight_decay,
+    mu, logvar, exp_avg_mu, exp_avg_sq_mu, exp_avg_logvar, exp_avg_sq_logvar, z, grad_z, noise, step,
+    lr, total_steps, schedule, beta1, beta2, eps, weight_decay,
 ) -> None:
     # Mutates its inputs in place and returns nothing: no output metadata to describe.
     return None
@@ -41,19 +50,20 @@ def _register_fake() -> None:
 def posterior_step(
     mu: Tensor, logvar: Tensor,
     exp_avg_mu: Tensor, exp_avg_sq_mu: Tensor, exp_avg_logvar: Tensor, exp_avg_sq_logvar: Tensor,
-    z: Tensor, grad_z: Tensor, noise: Tensor,
-    lr: float, step: int, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+    z: Tensor, grad_z: Tensor, noise: Tensor, step: Tensor,
+    lr: float, total_steps: int, schedule: int = 0, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
     weight_decay: float = 0.01,
 ) -> None:
     """Fused `posterior_step_ref` through the compiled extension; same arguments, same in-place updates.
 
-    All tensors share shape, dtype and device (float32/float64/bfloat16/float16); the seven updated ones
-    must be contiguous. Raises RuntimeError if the extension is not available.
+    The nine latent tensors share shape, dtype and device (float32/float64/bfloat16/float16); the seven
+    updated ones must be contiguous. `step`: int64, one element, on their device. `schedule`: index into
+    `reference.SCHEDULES`. Raises RuntimeError if the extension is not available.
     """
     available, reason = extension_status()
     if not available:
         raise RuntimeError(f"ltm_kernels.posterior_step needs the compiled extension: {reason}")
     torch.ops.ltm.posterior_step(
-        mu, logvar, exp_avg_mu, exp_avg_sq_mu, exp_avg_logvar, exp_avg_sq_logvar, z, grad_z, noise,
-        float(lr), int(step), float(beta1), float(beta2), float(eps), float(weight_decay),
+        mu, logvar, exp_avg_mu, exp_avg_sq_mu, exp_avg_logvar, exp_avg_sq_logvar, z, grad_z, noise, step,
+        float(lr), int(total_steps), int(schedule), float(beta1), float(beta2), float(eps), float(weight_decay),
     )

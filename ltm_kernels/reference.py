@@ -3,6 +3,8 @@ benchmarks and the CPU fallback share. Plain tensor ops, no fusion, readable fir
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -13,40 +15,68 @@ def kl_ref(mu: Tensor, logvar: Tensor) -> Tensor:
     return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
 
 
+SCHEDULES = ("cosine", "linear", "constant")  # posterior_step's `schedule` argument is an index into this
+
+
+def scheduled_lr(step, total: int, lr: float, schedule: str):
+    """Learning rate of update `step` (0-based) of `total`, lr_min = lr / 10:
+        cosine   lr_min + 0.5 * (1 + cos(pi t / T)) * (lr - lr_min)      (published default)
+        linear   lr - (lr - lr_min) * t / T
+        constant lr
+    `step` is a number, or a float64 tensor (then so is the result, on its device: no host read)."""
+    lr_min = lr / 10
+    if schedule == "cosine":
+        cos = torch.cos if isinstance(step, Tensor) else math.cos
+        return lr_min + 0.5 * (1 + cos(math.pi * step / total)) * (lr - lr_min)
+    if schedule == "linear":
+        return lr - (lr - lr_min) * step / total
+    if schedule == "constant":
+        return lr + 0 * step  # a tensor step gives a tensor, like the other schedules
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+
+
 def _adamw_(
     param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
-    lr: float, step: int, beta1: float, beta2: float, eps: float, weight_decay: float,
+    lr: Tensor, step: Tensor, beta1: float, beta2: float, eps: float, weight_decay: float,
 ) -> None:
-    # The op order of torch.optim.AdamW's single-tensor path, so that the two agree to rounding.
+    # torch.optim.AdamW's single-tensor path, op for op, except that lr and the 1-based step are 0-d float64
+    # tensors (on CPU they act as Python scalars do; on CUDA, half-precision tensors see them rounded to their
+    # dtype) and addcdiv_, which takes no tensor `value`, is written out in its own order, value * t1 / t2.
     param.mul_(1 - lr * weight_decay)
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     step_size = lr / bias_correction1
-    denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
-    param.addcdiv_(exp_avg, denom, value=-step_size)
+    denom = (exp_avg_sq.sqrt() / bias_correction2.sqrt()).add_(eps)
+    param.add_(-step_size * exp_avg / denom)
 
 
 @torch.no_grad()
 def posterior_step_ref(
     mu: Tensor, logvar: Tensor,
     exp_avg_mu: Tensor, exp_avg_sq_mu: Tensor, exp_avg_logvar: Tensor, exp_avg_sq_logvar: Tensor,
-    z: Tensor, grad_z: Tensor, noise: Tensor,
-    lr: float, step: int, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+    z: Tensor, grad_z: Tensor, noise: Tensor, step: Tensor,
+    lr: float, total_steps: int, schedule: int = 0, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
     weight_decay: float = 0.01,
 ) -> None:
     """One AdamW step on (mu, logvar) of the loss CE(z) + sum KL(mu, logvar), then the next sample z.
 
-    grad_z is dCE/dz at the current sample z = mu + noise * exp(logvar / 2); `step` is 1-based (the number
-    of updates including this one). Updates mu, logvar, the four moments and z in place.
+    grad_z is dCE/dz at the current sample z = mu + noise * exp(logvar / 2). `step` is a one-element int64
+    tensor holding the number of updates done so far, t: this is update t + 1 (AdamW's 1-based step) at
+    `scheduled_lr(t, total_steps, lr, SCHEDULES[schedule])`, and `step` is incremented. Updates mu, logvar, the
+    four moments, z and step in place. Only tensor ops, no host read: a CUDA graph can capture it.
     """
+    t = step.reshape(()).to(torch.float64)
+    lr_t = scheduled_lr(t, total_steps, lr, SCHEDULES[schedule])
     sigma = torch.exp(0.5 * logvar)
     g_mu = grad_z + mu  # dz/dmu = 1; dKL/dmu = mu
     g_lv = 0.5 * grad_z * noise * sigma + 0.5 * (torch.exp(logvar) - 1)  # dz/dlogvar = noise*sigma/2
-    _adamw_(mu, g_mu, exp_avg_mu, exp_avg_sq_mu, lr, step, beta1, beta2, eps, weight_decay)
-    _adamw_(logvar, g_lv, exp_avg_logvar, exp_avg_sq_logvar, lr, step, beta1, beta2, eps, weight_decay)
+    _adamw_(mu, g_mu, exp_avg_mu, exp_avg_sq_mu, lr_t, t + 1, beta1, beta2, eps, weight_decay)
+    _adamw_(logvar, g_lv, exp_avg_logvar, exp_avg_sq_logvar, lr_t, t + 1, beta1, beta2, eps, weight_decay)
     z.copy_(mu + noise * torch.exp(0.5 * logvar))
+    step.add_(1)
+
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for half types, otherwise the tensor's own (fp64 tests stay in fp64)."""
@@ -58,6 +88,12 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     xf = x.to(_compute_dtype(x.dtype))
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return normed.to(x.dtype) * weight
+
+
+def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(rms_norm_ref(x + residual), x + residual): the residual add and the pre-norm that follows it."""
+    h = x + residual
+    return rms_norm_ref(h, weight, eps), h
 
 
 def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,11 @@
 """The dispatch point (ltm.backends) and the cpp backend's agreement with eager."""
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from triton_helpers import assert_close, interpreter
 
 import ltm_kernels
 from ltm import BackendUnavailableError, LTMConfig, LTMDecoder, backend_status
@@ -19,11 +21,80 @@ def test_unknown_backend_is_refused():
         LTMDecoder(CFG, backend="cuda")
 
 
-def test_triton_backend_says_why_it_is_unavailable():
-    ok, reason = backend_status()["triton"]
-    assert not ok and reason
-    with pytest.raises(BackendUnavailableError, match="triton backend is not available: " + reason[:20]):
-        LTMDecoder(CFG, backend="triton")
+def _run(code: str, **env_changes) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    for key, value in env_changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the triton backend is available")
+def test_triton_backend_without_cuda_or_interpreter_says_why():
+    code = (
+        "import ltm\n"
+        "ok, reason = ltm.backend_status()['triton']\n"
+        "assert not ok and ('TRITON_INTERPRET' in reason or 'not installed' in reason), reason\n"
+        "try:\n"
+        "    ltm.LTMDecoder(ltm.LTMConfig.from_name('ltm-tiny'), backend='triton')\n"
+        "except ltm.BackendUnavailableError as err:\n"
+        "    assert reason[:30] in str(err), err\n"
+        "else:\n"
+        "    raise AssertionError('triton backend accepted without CUDA or the interpreter')\n"
+    )
+    result = _run(code, TRITON_INTERPRET=None)
+    assert result.returncode == 0, result.stderr
+
+
+def test_import_ltm_without_triton():
+    """A missing triton never breaks `import ltm`: the triton backend is reported unavailable, others work."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import ltm, torch\n"
+        "ok, reason = ltm.backend_status()['triton']\n"
+        "assert not ok and 'triton is not installed' in reason, reason\n"
+        "m = ltm.LTMDecoder(ltm.LTMConfig.from_name('ltm-tiny'), backend='auto')\n"
+        "t = torch.randint(0, 258, (2, 9))\n"
+        "m.elbo_terms(t, t, *torch.zeros(3, 2, 8, 64))\n"
+    )
+    result = _run(code)
+    assert result.returncode == 0, result.stderr
+
+
+@interpreter
+def test_triton_backend_uses_its_kernels_and_eager_for_the_rest():
+    impl = dict(select_ops("triton", torch.device("cpu")).impl)
+    for name in ("rms_norm", "add_rms_norm", "swiglu", "lm_head_nll"):
+        assert impl[name] == "triton", impl
+    assert impl["self_attention"] == impl["latent_attention"] == "eager", impl  # no Triton attention yet
+    # `auto` never picks the interpreter on CPU
+    assert "triton" not in dict(select_ops("auto", torch.device("cpu")).impl).values()
+
+
+@interpreter
+def test_triton_model_equals_eager_under_the_interpreter():
+    """LTMDecoder(backend="triton") on CPU tensors (TRITON_INTERPRET=1): logits, ELBO terms and a short inner
+    loop equal the eager model's (fp32)."""
+    torch.manual_seed(0)
+    eager = LTMDecoder(CFG, backend="eager")
+    fused = LTMDecoder(CFG, backend="triton")
+    fused.load_state_dict(eager.state_dict())
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, CFG.vocab_size, (2, 13), generator=g)
+    targets = torch.randint(0, CFG.vocab_size, (2, 13), generator=g)
+    targets[0, 3] = -1
+    mu, noise = (torch.randn(2, CFG.n_z, CFG.d_model, generator=g) for _ in range(2))
+    logvar = -2 + 0.1 * torch.randn(2, CFG.n_z, CFG.d_model, generator=g)
+    assert_close(fused(tokens, mu), eager(tokens, mu), 1e-5, "logits")
+    for name, got, want in zip(("nll", "kl"), fused.elbo_terms(tokens, targets, mu, logvar, noise),
+                               eager.elbo_terms(tokens, targets, mu, logvar, noise)):
+        assert_close(got, want, 1e-5, name)
+    kw = dict(steps=2, mu=mu, logvar=logvar, noise=noise)
+    a, b = eager.infer_posterior(tokens, targets, **kw), fused.infer_posterior(tokens, targets, **kw)
+    for name in ("mu", "logvar", "nll"):
+        assert_close(getattr(b, name), getattr(a, name), 1e-4, name)
 
 
 def test_eager_and_auto_always_available():
@@ -47,7 +118,9 @@ def test_cpp_without_a_kernel_for_the_device_says_so():
         pytest.skip("this build has a CUDA kernel for posterior_step")
     with pytest.raises(BackendUnavailableError, match="no cuda kernel for ltm::posterior_step"):
         select_ops("cpp", torch.device("cuda"))
-    assert dict(select_ops("auto", torch.device("cuda")).impl)["posterior_step"] == "eager"
+    # `auto` then falls back to the Triton posterior step where Triton is installed, else to eager.
+    fallback = "triton" if ltm_kernels.triton_device_ok(torch.device("cuda")) else "eager"
+    assert dict(select_ops("auto", torch.device("cuda")).impl)["posterior_step"] == fallback
 
 
 @needs_extension

@@ -37,14 +37,22 @@ def cosine_lr(t, steps, lr=0.34):
     return lr / 10 + 0.5 * (1 + math.cos(math.pi * t / steps)) * (lr - lr / 10)
 
 
+def counter(done=0, device="cpu"):
+    """The op's step counter: a one-element int64 tensor holding the number of updates done."""
+    return torch.tensor([done], dtype=torch.int64, device=device)
+
+
 def assert_state_close(actual, expected, **tol):
     for name, a, e in zip(NAMES, actual, expected):
         torch.testing.assert_close(a, e, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
-def run_steps(step_fn, state, noise, grads, steps):
-    for step in range(1, steps + 1):
-        step_fn(*state, grads[step - 1], noise, cosine_lr(step - 1, steps), step)
+def run_steps(step_fn, state, noise, grads, steps, schedule=0):
+    """`steps` updates with the op's scheduled lr (cosine by default) read off its device step counter."""
+    step = counter(device=noise.device)
+    for t in range(steps):
+        step_fn(*state, grads[t], noise, step, 0.34, steps, schedule)
+    assert step.item() == steps
 
 
 # Both sides differ only in rounding (libm vs Sleef exp, FMA contraction in torch's vectorised lerp/addcmul,
@@ -56,17 +64,46 @@ TOLERANCES = {torch.float64: dict(rtol=1e-12, atol=1e-14), torch.float32: dict(r
 
 
 @pytest.mark.extension
+@pytest.mark.parametrize("schedule", [0, 1, 2], ids=["cosine", "linear", "constant"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", [(3, 5, 7), (2, 24, 64), (4, 16, 1000)])  # the last spans many threads' chunks
-def test_matches_reference(needs_extension, shape, dtype):
+def test_matches_reference(needs_extension, shape, dtype, schedule):
     steps = 5
     gen = torch.Generator().manual_seed(1)
     noise = torch.randn(shape, generator=gen, dtype=dtype)
     grads = [torch.randn(shape, generator=gen, dtype=dtype) for _ in range(steps)]
     fused, ref = make_state(shape, dtype), make_state(shape, dtype)
-    run_steps(posterior_step, fused, noise, grads, steps)
-    run_steps(posterior_step_ref, ref, noise, grads, steps)
+    run_steps(posterior_step, fused, noise, grads, steps, schedule)
+    run_steps(posterior_step_ref, ref, noise, grads, steps, schedule)
     assert_state_close(fused, ref, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_reference_reads_the_counter_and_schedules_on_the_device(schedule):
+    """posterior_step_ref with the counter at t is the old host-scalar step (lr_t, 1-based t + 1), for every
+    t and schedule: the lr and bias corrections really come from the counter."""
+    shape, total = (2, 3, 4), 7
+    gen = torch.Generator().manual_seed(9)
+    grad_z, noise = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(2))
+    for t in (0, 3, 6):
+        state = make_state(shape, torch.float64)
+        state[2:6] = [0.1 * torch.rand(shape, generator=gen, dtype=torch.float64) for _ in range(4)]
+        expected = [x.clone() for x in state]
+        step = counter(t)
+        posterior_step_ref(*state, grad_z, noise, step, 0.34, total, ltm_kernels.SCHEDULES.index(schedule))
+        assert step.item() == t + 1
+        lr = ltm_kernels.scheduled_lr(t, total, 0.34, schedule)
+        mu, lv, m_mu, v_mu, m_lv, v_lv, z = expected
+        sigma = torch.exp(0.5 * lv)
+        grads = (grad_z + mu, 0.5 * grad_z * noise * sigma + 0.5 * (torch.exp(lv) - 1))
+        for p, g, m, v in ((mu, grads[0], m_mu, v_mu), (lv, grads[1], m_lv, v_lv)):
+            p.mul_(1 - lr * 0.01)
+            m.lerp_(g, 0.1)
+            v.mul_(0.999).addcmul_(g, g, value=0.001)
+            denom = (v.sqrt() / (1 - 0.999 ** (t + 1)) ** 0.5).add_(1e-8)
+            p.addcdiv_(m, denom, value=-lr / (1 - 0.9 ** (t + 1)))
+        z.copy_(mu + noise * torch.exp(0.5 * lv))
+        assert_state_close(state, expected, rtol=1e-13, atol=1e-15)
 
 
 def run_low_precision(dtype, seed=2, shape=(2, 24, 64), steps=5):
@@ -119,6 +156,7 @@ def test_reference_is_adamw_on_the_elbo_gradients():
     mu = state[0].clone().requires_grad_()
     logvar = state[1].clone().requires_grad_()
     opt = torch.optim.AdamW([mu, logvar], lr=0.34, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, foreach=False)
+    step_counter = counter()
     for step in range(1, steps + 1):
         lr = cosine_lr(step - 1, steps)
         grad_z = torch.randn(shape, generator=gen, dtype=torch.float64)  # stands in for dCE/dz
@@ -128,7 +166,8 @@ def test_reference_is_adamw_on_the_elbo_gradients():
         loss.backward()
         opt.param_groups[0]["lr"] = lr
         opt.step()
-        posterior_step_ref(*state, grad_z, noise, lr, step)
+        posterior_step_ref(*state, grad_z, noise, step_counter, 0.34, steps, 0)
+        assert step_counter.item() == step
 
         expected = [mu, logvar]
         expected += [opt.state[p][k] for p in (mu, logvar) for k in ("exp_avg", "exp_avg_sq")]
@@ -144,8 +183,9 @@ def test_opcheck(needs_extension, dtype):
     state = make_state(shape, dtype)
     grad_z = torch.randn(shape, generator=gen, dtype=dtype)
     noise = torch.randn(shape, generator=gen, dtype=dtype)
-    args = (*state, grad_z, noise, 0.34, 2, 0.9, 0.999, 1e-8, 0.01)
-    torch.library.opcheck(torch.ops.ltm.posterior_step.default, args)
+    for schedule in range(3):
+        args = (*state, grad_z, noise, counter(1), 0.34, 4, schedule, 0.9, 0.999, 1e-8, 0.01)
+        torch.library.opcheck(torch.ops.ltm.posterior_step.default, args)
 
 
 @pytest.mark.extension
@@ -156,8 +196,8 @@ def test_non_contiguous_inputs(needs_extension):
     noise = torch.randn(shape[::-1], generator=gen, dtype=torch.float64).transpose(0, 2)
     assert not grad_z.is_contiguous() and not noise.is_contiguous()
     strided, dense = make_state(shape, torch.float64), make_state(shape, torch.float64)
-    posterior_step(*strided, grad_z, noise, 0.34, 1)
-    posterior_step(*dense, grad_z.contiguous(), noise.contiguous(), 0.34, 1)
+    posterior_step(*strided, grad_z, noise, counter(), 0.34, 1)
+    posterior_step(*dense, grad_z.contiguous(), noise.contiguous(), counter(), 0.34, 1)
     assert_state_close(strided, dense, rtol=0, atol=0)
 
 
@@ -168,11 +208,11 @@ def test_independent_of_thread_count(needs_extension):
     grad_z = torch.randn(shape, generator=gen)
     noise = torch.randn(shape, generator=gen)
     threaded, serial = make_state(shape, torch.float32), make_state(shape, torch.float32)
-    posterior_step(*threaded, grad_z, noise, 0.34, 1)
+    posterior_step(*threaded, grad_z, noise, counter(), 0.34, 1)
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        posterior_step(*serial, grad_z, noise, 0.34, 1)
+        posterior_step(*serial, grad_z, noise, counter(), 0.34, 1)
     finally:
         torch.set_num_threads(n)
     assert_state_close(threaded, serial, rtol=0, atol=0)
@@ -191,7 +231,15 @@ def _bad_contiguity(args):
 
 
 def _bad_step(args):
-    args[10] = 0
+    args[9] = counter(-1)
+
+
+def _bad_step_dtype(args):
+    args[9] = args[9].int()
+
+
+def _bad_schedule(args):
+    args[12] = 3
 
 
 def _aliased(args):
@@ -205,15 +253,17 @@ def _aliased(args):
         (_bad_shape, "noise must have the shape of mu"),
         (_bad_dtype, "grad_z must have the dtype of mu"),
         (_bad_contiguity, "mu must be contiguous"),
-        (_bad_step, "step must be >= 1"),
+        (_bad_step, "step must hold the number of updates done"),
+        (_bad_step_dtype, "step must be an int64 tensor with one element"),
+        (_bad_schedule, "schedule must be 0"),
         (_aliased, "exp_avg_mu and exp_avg_logvar must not share memory"),
     ],
-    ids=["shape", "dtype", "contiguity", "step", "aliasing"],
+    ids=["shape", "dtype", "contiguity", "step", "step-dtype", "schedule", "aliasing"],
 )
 def test_bad_input_names_the_argument(needs_extension, corrupt, message):
     shape = (3, 5, 7)
     args = [*make_state(shape, torch.float64), torch.randn(shape, dtype=torch.float64),
-            torch.randn(shape, dtype=torch.float64), 0.34, 1, 0.9, 0.999, 1e-8, 0.01]
+            torch.randn(shape, dtype=torch.float64), counter(), 0.34, 1, 0, 0.9, 0.999, 1e-8, 0.01]
     corrupt(args)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.ltm.posterior_step(*args)
@@ -247,7 +297,7 @@ available, reason = ltm_kernels.extension_status()
 assert not available, reason
 print(reason)
 try:
-    ltm_kernels.posterior_step(*[None] * 9, lr=0.1, step=1)
+    ltm_kernels.posterior_step(*[None] * 10, lr=0.1, total_steps=1)
 except RuntimeError as e:
     assert reason in str(e), e
 else:
@@ -269,7 +319,8 @@ def _exp_through_op(logvar):
     zeros = [torch.zeros_like(logvar) for _ in range(6)]
     mu, moments, z = zeros[0], zeros[1:5], zeros[5]
     lv = logvar.clone()
-    posterior_step(mu, lv, *moments, z, torch.zeros_like(logvar), torch.ones_like(logvar), lr=0.0, step=1)
+    posterior_step(mu, lv, *moments, z, torch.zeros_like(logvar), torch.ones_like(logvar), counter(), lr=0.0,
+                   total_steps=1)
     torch.testing.assert_close(lv, logvar, rtol=0, atol=0, equal_nan=True)
     return z
 
@@ -303,8 +354,9 @@ import sys, torch, ltm_kernels
 assert ltm_kernels.extension_status()[0], ltm_kernels.extension_status()
 out = []
 for state, grad_z, noise, beta1 in torch.load(sys.argv[1]):
-    for step in (1, 2, 3):
-        torch.ops.ltm.posterior_step(*state, grad_z, noise, 0.1, step, beta1, 0.999, 1e-8, 0.01)
+    step = torch.zeros(1, dtype=torch.int64)
+    for _ in range(3):
+        torch.ops.ltm.posterior_step(*state, grad_z, noise, step, 0.1, 3, 2, beta1, 0.999, 1e-8, 0.01)
     out.append(state)
 torch.save((torch.backends.cpu.get_cpu_capability(), out), sys.argv[2])
 """
@@ -355,12 +407,13 @@ def test_inputs_aliasing_outputs(needs_extension):
     for state in (aliased, copied):
         state[6].copy_(torch.randn(shape, generator=torch.Generator().manual_seed(9)))  # z, used as grad_z
     noise = torch.randn(shape, generator=gen)
-    posterior_step(*copied, copied[6].clone(), noise, 0.34, 1)
-    posterior_step(*aliased, aliased[6], noise, 0.34, 1)
+    posterior_step(*copied, copied[6].clone(), noise, counter(), 0.34, 1)
+    posterior_step(*aliased, aliased[6], noise, counter(), 0.34, 1)
     assert_state_close(aliased, copied, rtol=0, atol=0)
 
     buf = torch.zeros(3 * 5 * 7 + 1)
     state = make_state(shape, torch.float32)
     state[6] = buf[:-1].view(shape)
     with pytest.raises(RuntimeError, match="grad_z must not partially overlap z"):
-        torch.ops.ltm.posterior_step(*state, buf[1:].view(shape), noise, 0.34, 1, 0.9, 0.999, 1e-8, 0.01)
+        torch.ops.ltm.posterior_step(*state, buf[1:].view(shape), noise, counter(), 0.34, 1, 0, 0.9, 0.999, 1e-8,
+                                     0.01)

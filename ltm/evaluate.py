@@ -1,0 +1,146 @@
+"""Evaluation (DESIGN section 3): ELBO perplexity bounds on held-out tokens, at several inner-loop lengths T
+in one run (the inference-time scaling curve).
+
+The data is cut into consecutive windows of seq_len + 1 tokens (ltm.data.eval_blocks). Per window b with
+N_b scored tokens, the inner loop fits q(z | x_b) in T steps, then:
+    NELBO_b       = CE(x_b | z) + KL(q || p) at the loop's final parameters and its fixed noise
+    nelbo/token   = sum_b NELBO_b / sum_b N_b;   ppl_bound = exp(nelbo/token)
+    ppl_mean_exp  = mean_b exp(NELBO_b / N_b)    (the published aggregate)
+    iw (K samples, fresh noise): -log p(x_b) <= -log (1/K) sum_k p(x_b | z_k) p(z_k) / q(z_k),  z_k ~ q
+The importance-weighted bound is tighter than the ELBO and free of the fixed-noise bias of the loop's sample.
+Every window's initial (mu, logvar, noise) comes from its own seed, the same for every T.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ltm.data import eval_blocks
+from ltm.posterior import LOGVAR_INIT_MEAN, LOGVAR_INIT_STD, MU_INIT_STD
+
+
+def _init(cfg, seed: int, block_ids, device):
+    draws = []
+    for i in block_ids:
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, int(i), 3]).generate_state(1)[0]))
+        draws.append(torch.randn((4, cfg.n_z, cfg.d_model), generator=g))
+    d = torch.stack(draws).to(device)
+    return d[:, 0] * MU_INIT_STD, LOGVAR_INIT_MEAN + LOGVAR_INIT_STD * d[:, 1], d[:, 2]
+
+
+def _iw_nelbo(model, tokens, targets, mu, logvar, samples: int, generator) -> torch.Tensor:
+    """-log of the K-sample importance-weighted estimate of p(x), per sequence (B,)."""
+    log_w = []
+    with torch.no_grad():
+        for _ in range(samples):
+            eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype).to(mu.device)
+            z = mu + eps * torch.exp(0.5 * logvar)
+            # log p(z) - log q(z): the 2 pi terms cancel
+            log_ratio = (-0.5 * z.pow(2) + 0.5 * eps.pow(2) + 0.5 * logvar).flatten(1).sum(-1)
+            log_w.append(log_ratio - model.sequence_nll(tokens, targets, z).double())
+    return -(torch.logsumexp(torch.stack(log_w), 0) - math.log(samples))
+
+
+def elbo_eval(model, data, steps: Sequence[int] = (0, 16), seq_len: Optional[int] = None, batch_size: int = 8,
+              lr: float = 0.34, schedule: str = "cosine", iw_samples: int = 0, max_blocks: Optional[int] = None,
+              seed: int = 0, progress: bool = False) -> list[dict]:
+    """One result dict per T in `steps` (see the module docstring for every field). `data`: a TokenData, or a
+    1-D array/tensor of token ids; `max_blocks` caps the number of windows scored."""
+    cfg = model.cfg
+    seq_len = seq_len or cfg.max_seq_len
+    if seq_len > cfg.max_seq_len:
+        raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
+    if not steps or any(not isinstance(t, int) or t < 0 for t in steps):
+        raise ValueError(f"steps must be a non-empty list of non-negative ints, got {steps!r}")
+    if not isinstance(iw_samples, int) or iw_samples < 0:
+        raise ValueError(f"iw_samples must be a non-negative int, got {iw_samples!r}")
+    blocks = eval_blocks(data, seq_len)[:max_blocks]
+    # Windows of equal length batch together; only the last one may be shorter.
+    full = [i for i, b in enumerate(blocks) if len(b) == seq_len + 1]
+    batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
+    batches += [[i] for i, b in enumerate(blocks) if len(b) != seq_len + 1]
+    device = model.tok_embeddings.weight.device
+    results, t0 = [], time.time()
+    for T in steps:
+        nelbo, nll, kl, iw, n_tok = [], [], [], [], []
+        generator = torch.Generator().manual_seed(seed + 1)
+        for k, ids in enumerate(batches):
+            w = torch.stack([blocks[i] for i in ids]).to(device)
+            tokens, targets = w[:, :-1], w[:, 1:]
+            mu, logvar, noise = _init(cfg, seed, ids, device)
+            post = model.infer_posterior(tokens, targets, steps=T, lr=lr, schedule=schedule, mu=mu, logvar=logvar,
+                                         noise=noise)
+            nll.append(post.nll.double().cpu())
+            kl.append(post.kl.double().cpu())
+            nelbo.append(nll[-1] + kl[-1])
+            n_tok.append(torch.full((len(ids),), targets.shape[1], dtype=torch.float64))
+            if iw_samples:
+                iw.append(_iw_nelbo(model, tokens, targets, post.mu, post.logvar, iw_samples, generator).cpu())
+            if progress:
+                print(f"\reval T={T}: {k + 1}/{len(batches)} batches, {time.time() - t0:.0f}s", end="",
+                      file=sys.stderr, flush=True)
+        nelbo, nll, kl, n_tok = (torch.cat(x) for x in (nelbo, nll, kl, n_tok))
+        total = float(n_tok.sum())
+        r = dict(T=T, sequences=len(nelbo), tokens=int(total), nelbo_per_token=float(nelbo.sum()) / total,
+                 nll_per_token=float(nll.sum()) / total, kl_per_seq=float(kl.mean()),
+                 ppl_bound=math.exp(float(nelbo.sum()) / total), ppl_mean_exp=float(torch.exp(nelbo / n_tok).mean()))
+        if iw_samples:
+            iw_all = torch.cat(iw)
+            r.update(iw_samples=iw_samples, iw_nelbo_per_token=float(iw_all.sum()) / total,
+                     ppl_iw=math.exp(float(iw_all.sum()) / total))
+        results.append(r)
+    if progress:
+        print(file=sys.stderr)
+    return results
+
+
+def format_table(results: list[dict]) -> str:
+    cols = ["T", "nelbo_per_token", "ppl_bound", "ppl_mean_exp", "nll_per_token", "kl_per_seq"]
+    if "ppl_iw" in results[0]:
+        cols += ["iw_nelbo_per_token", "ppl_iw"]
+    lines = ["  ".join(f"{c:>18}" for c in cols)]
+    for r in results:
+        lines.append("  ".join(f"{r[c]:>18}" if isinstance(r[c], int) else f"{r[c]:>18.4f}" for c in cols))
+    return "\n".join(lines)
+
+
+def write_results(results: list[dict], path, meta: Optional[dict] = None) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"meta": meta or {}, "results": results}, indent=2) + "\n")
+
+
+def plot_scaling(results: list[dict], path) -> bool:
+    """PNG of ppl bound against T (needs matplotlib; returns False, drawing nothing, without it)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ts = [r["T"] for r in results]
+    ax.plot(ts, [r["ppl_bound"] for r in results], "o-", label="ELBO bound")
+    if "ppl_iw" in results[0]:
+        ax.plot(ts, [r["ppl_iw"] for r in results], "s--", label=f"IW bound (K={results[0]['iw_samples']})")
+    ax.set_xlabel("inner-loop steps T")
+    ax.set_ylabel("perplexity bound")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+if __name__ == "__main__":
+    from ltm.cli import main
+
+    sys.exit(main(["eval", *sys.argv[1:]]))

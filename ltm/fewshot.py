@@ -1,0 +1,92 @@
+"""Few-shot prompting harness: question/answer pairs from a JSONL file; for each query, `shots` other examples
+form the prompt, the posterior q(z | prompt) is fitted on it with the inner loop, the answer is decoded greedily
+(until a newline or EOS) and scored by exact match after stripping whitespace.
+
+JSONL lines: {"question": "...", "answer": "..."} (field names configurable). Prompt layout:
+    Q: {question}\nA: {answer}\n\n   (x shots)   Q: {query}\nA:
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ltm.generate import generate
+from ltm.tokenizer import Tokenizer
+
+TEMPLATE = "Q: {question}\nA: {answer}\n\n"
+QUERY_TEMPLATE = "Q: {question}\nA:"
+
+
+def read_qa(path, question_key: str = "question", answer_key: str = "answer") -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"few-shot data file not found: {path}")
+    examples = []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{line_no} is not valid JSON: {err}") from None
+        if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in (question_key, answer_key)):
+            raise ValueError(f"{path}:{line_no} needs string fields {question_key!r} and {answer_key!r}")
+        examples.append({"question": obj[question_key], "answer": obj[answer_key]})
+    if not examples:
+        raise ValueError(f"few-shot data file {path} has no examples")
+    return examples
+
+
+def build_prompt(shots: list[dict], question: str) -> str:
+    return "".join(TEMPLATE.format(**s) for s in shots) + QUERY_TEMPLATE.format(question=question)
+
+
+def fewshot_eval(model, examples: list[dict], shots: int = 3, steps: Optional[int] = None, lr: float = 0.34,
+                 schedule: str = "cosine", max_answer_tokens: int = 16, seed: int = 0, limit: Optional[int] = None,
+                 progress: bool = False) -> dict:
+    """Exact-match accuracy; returns {"accuracy", "n", "shots", "records": [{question, answer, prediction, correct}]}."""
+    if not isinstance(shots, int) or shots < 0 or shots >= len(examples):
+        raise ValueError(f"shots must be an int in [0, {len(examples) - 1}] for {len(examples)} examples, got {shots!r}")
+    tok = Tokenizer(model.cfg.encoding)
+    device = model.tok_embeddings.weight.device
+    rng = np.random.default_rng(seed)
+    records, t0 = [], time.time()
+    queries = examples[:limit] if limit else examples
+    for i, ex in enumerate(queries):
+        others = [j for j in range(len(examples)) if j != i]
+        shot_ex = [examples[j] for j in rng.choice(others, size=shots, replace=False)] if shots else []
+        ids = [tok.bos_id, *tok.encode(build_prompt(shot_ex, ex["question"]))]
+        room = model.cfg.max_seq_len - max_answer_tokens
+        if len(ids) > room:
+            raise ValueError(f"example {i}: the prompt has {len(ids)} tokens; with max_answer_tokens="
+                             f"{max_answer_tokens} the context max_seq_len={model.cfg.max_seq_len} allows {room}; "
+                             "use fewer shots")
+        prompt = torch.tensor([ids], device=device)
+        g = torch.Generator(device=device).manual_seed(seed + i)
+        post = model.infer_posterior(prompt[:, :-1], prompt[:, 1:], steps=steps, lr=lr, schedule=schedule,
+                                     generator=g)
+        out = generate(model, prompt, post.mu, max_answer_tokens, temperature=0, eos_id=tok.eos_id)
+        new = [t for t in out[0, len(ids):].tolist() if t not in (tok.eos_id, tok.bos_id)]
+        prediction = tok.decode(new).split("\n")[0].strip()
+        records.append(dict(question=ex["question"], answer=ex["answer"], prediction=prediction,
+                            correct=prediction == ex["answer"].strip()))
+        if progress:
+            acc = sum(r["correct"] for r in records) / len(records)
+            print(f"\rfewshot: {i + 1}/{len(queries)} accuracy {acc:.3f} ({time.time() - t0:.0f}s)", end="",
+                  file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return dict(accuracy=sum(r["correct"] for r in records) / len(records), n=len(records), shots=shots,
+                records=records)
+
+
+if __name__ == "__main__":
+    from ltm.cli import main
+
+    sys.exit(main(["fewshot", *sys.argv[1:]]))

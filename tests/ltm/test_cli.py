@@ -1,0 +1,61 @@
+"""`ltm prepare | train | eval | generate | fewshot`: --help documents every option; an end-to-end run."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ltm.cli import build_parser, main
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = json.dumps({"d_model": 32, "n_head": 2, "n_z": 4, "max_seq_len": 16, "window_size": 8})
+
+
+def test_every_option_has_help():
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.choices and "train" in a.choices).choices
+    assert {"prepare", "train", "eval", "generate", "fewshot"} <= set(subparsers)
+    for name, sub in subparsers.items():
+        for action in sub._actions:
+            assert action.help, f"ltm {name} {action.option_strings or action.dest} has no help text"
+
+
+def test_module_entry_points_print_help():
+    for module in (["-m", "ltm.cli", "train"], ["-m", "ltm.data"]):
+        out = subprocess.run([sys.executable, *module, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and "--" in out.stdout, out.stderr
+
+
+def test_prepare_train_eval_generate_fewshot(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("the cat sat on the mat. " * 40)
+    assert main(["prepare", str(tmp_path / "a.txt"), "-o", str(tmp_path / "d")]) == 0
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "d"), "--out-dir", str(run), "--model-overrides", SMALL,
+                 "--batch-size", "2", "--max-steps", "2", "--warmup-steps", "1", "--inner-steps", "1",
+                 "--backend", "eager", "--no-progress"]) == 0
+    assert (run / "ckpt.pt").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    ckpt = str(run / "ckpt.pt")
+    assert main(["eval", ckpt, "--data", str(tmp_path / "d"), "--steps", "0", "2", "--iw-samples", "2",
+                 "--max-blocks", "4", "--out", str(tmp_path / "eval.json"), "--backend", "eager"]) == 0
+    results = json.loads((tmp_path / "eval.json").read_text())["results"]
+    assert [r["T"] for r in results] == [0, 2] and "ppl_iw" in results[0]
+    assert main(["eval", ckpt, "--text", str(tmp_path / "a.txt"), "--steps", "1", "--max-blocks", "2"]) == 0
+    capsys.readouterr()
+    assert main(["generate", ckpt, "--prompt", "the", "--max-new-tokens", "5", "--inner-steps", "1",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+    (tmp_path / "qa.jsonl").write_text('{"question": "a", "answer": "b"}\n{"question": "c", "answer": "d"}\n')
+    assert main(["fewshot", ckpt, "--data", str(tmp_path / "qa.jsonl"), "--shots", "0", "--inner-steps", "1",
+                 "--max-answer-tokens", "2", "--out", str(tmp_path / "fs.json")]) == 0
+    assert json.loads((tmp_path / "fs.json").read_text())["n"] == 2
+
+
+def test_user_errors_are_messages_not_tracebacks(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    assert main(["prepare", str(tmp_path / "empty.txt"), "-o", str(tmp_path / "d")]) == 1
+    assert "no non-empty documents" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "missing.pt"), "--text", str(tmp_path / "empty.txt")]) == 1
+    assert "not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--data", "x"])  # --out-dir is required: argparse says so

@@ -1,0 +1,53 @@
+"""swiglu (Triton) against swiglu_ref in float64: output, dgate, dup; odd sizes; the bf16 rule on a GPU."""
+import pytest
+import torch
+from triton_helpers import assert_close, gpu, interpreter, rel_err
+
+from ltm_kernels import swiglu
+from ltm_kernels.reference import swiglu_ref
+
+F64 = torch.float64
+
+
+def run(fn, gate, up, dout, dtype, device="cpu"):
+    g, u = (t.to(device, dtype, copy=True).requires_grad_(True) for t in (gate, up))
+    out = fn(g, u)
+    out.backward(dout.to(device, dtype))
+    return out, g.grad, u.grad
+
+
+def make_inputs(shape, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen, dtype=F64) * 3 for _ in range(3)]
+
+
+@interpreter
+@pytest.mark.parametrize("shape", [(3, 5, 96), (2051,), (1, 7, 1376)])
+def test_equals_float64_reference(shape):
+    inputs = make_inputs(shape)
+    for name, got, want in zip(("out", "dgate", "dup"), run(swiglu, *inputs, torch.float32),
+                               run(swiglu_ref, *inputs, F64)):
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert_close(got, want, 1e-6, name)
+
+
+@interpreter
+def test_non_contiguous_and_bad_inputs():
+    gate, up, _ = make_inputs((6, 8))
+    g, u = gate.float().t(), up.float().t()
+    assert_close(swiglu(g, u), swiglu_ref(gate.t(), up.t()), 1e-6, "out")
+    with pytest.raises(ValueError, match="up must match gate"):
+        swiglu(g, u[:2])
+    with pytest.raises(TypeError, match="gate must have dtype"):
+        swiglu(gate, up)
+
+
+@gpu
+@pytest.mark.parametrize("shape", [(4, 1023, 1376), (3, 77, 200)])
+def test_gpu_bf16_within_twice_eager_error(shape):
+    inputs = make_inputs(shape)
+    want = run(swiglu_ref, *inputs, F64)
+    eager = run(swiglu_ref, *inputs, torch.bfloat16, "cuda")
+    fused = run(swiglu, *inputs, torch.bfloat16, "cuda")
+    for name, e, f, ref in zip(("out", "dgate", "dup"), eager, fused, want):
+        assert rel_err(f, ref) <= 2 * rel_err(e, ref) + 1e-6, (name, rel_err(f, ref), rel_err(e, ref))
