@@ -25,19 +25,17 @@ import json
 import statistics
 import sys
 import time
-import weakref
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from inner_loop import _slug, device_info, git_commit  # noqa: E402  (the environment record of every benchmark)
+from inner_loop import _slug, device_info, git_commit, synchronize, time_runs  # noqa: E402  (the environment record of every benchmark)
 
 from ltm_kernels import chunked_linear_cross_entropy, linear_cross_entropy, triton_device_ok  # noqa: E402
 from ltm_kernels.linear_cross_entropy import default_chunk_rows  # noqa: E402
 from ltm_kernels.reference import lm_head_nll_ref  # noqa: E402
+from ltm_kernels.testing import PeakMemory  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 VARIANTS = ("eager", "chunked", "triton", "liger")
@@ -91,46 +89,12 @@ def step(fn, hidden, weight, targets, mode, chunk_size):
     return loss.detach(), grads[0], grads[1] if mode == "train" else None
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_ms(run, device, repeats, warmup) -> list[float]:
     for _ in range(warmup):
         run()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        run()
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
+    return [1e3 * t for t in time_runs(run, device, repeats)]
 
 
-class _PeakCPU(TorchDispatchMode):
-    """Peak bytes of the tensors created inside (as in tests/ltm_kernels/test_linear_cross_entropy.py)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.current, self.peak = {}, 0, 0
-
-    def _free(self, key):
-        self.current -= self.live.pop(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if storage.nbytes() and key not in self.live:
-                    self.live[key] = storage.nbytes()
-                    self.current += storage.nbytes()
-                    self.peak = max(self.peak, self.current)
-                    weakref.finalize(storage, self._free, key)
-        return out
 
 
 def peak_bytes(run, device) -> int:
@@ -143,7 +107,7 @@ def peak_bytes(run, device) -> int:
         run()
         synchronize(device)
         return torch.cuda.max_memory_allocated(device) - start
-    with _PeakCPU() as mem:
+    with PeakMemory() as mem:
         run()
     return mem.peak
 

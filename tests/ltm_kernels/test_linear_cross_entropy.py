@@ -2,16 +2,15 @@
 reference lm_head_nll_ref: loss, dH and dW, odd token counts, ignored targets, V = 17 and 50258, chunks that
 do not divide the rows; the chunked path's peak memory; input errors; the bf16 rule on a GPU."""
 import importlib
-import weakref
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+
 from triton_helpers import INTERPRETER, assert_close, gpu, interpreter, rel_err
 
 from ltm_kernels import chunked_linear_cross_entropy, linear_cross_entropy
 from ltm_kernels.reference import lm_head_nll_ref
+from ltm_kernels.testing import PeakMemory
 
 lce = importlib.import_module("ltm_kernels.linear_cross_entropy")  # the package binds the function's name
 F64 = torch.float64
@@ -109,33 +108,6 @@ def test_default_chunk_rows():
 
 
 # ---------------------------------------------------------------------------------------------- memory
-class PeakMemory(TorchDispatchMode):
-    """The peak of bytes held by tensors created inside the mode (forward and backward ops alike).
-
-    Every op output's storage is counted once (views share it) from its creation until the storage is freed
-    (a weakref finalizer: PyTorch keeps one Python object per live storage); storages that existed before
-    the mode (inputs, weights) are not counted. The true allocator peak can only be higher by the
-    temporaries inside single ATen kernels."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.current, self.peak = {}, 0, 0
-
-    def _free(self, key):
-        self.current -= self.live.pop(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if storage.nbytes() and key not in self.live:
-                    self.live[key] = storage.nbytes()
-                    self.current += storage.nbytes()
-                    self.peak = max(self.peak, self.current)
-                    weakref.finalize(storage, self._free, key)
-        return out
 
 
 def peak_bytes(fn, B, N, d=16, V=50258, chunk_size=None):
