@@ -311,7 +311,7 @@ def print_table(rows: dict):
         speedups = [row.get(f"speedup_vs_{r}") for r in ("reference", "compiled")]
         print(f"{name:<13} {row['ms_per_loop']:>10.1f} {row['ms_per_step']:>9.2f} {row['tokens_per_s']:>10.0f} "
               f"{row['model_tflops_per_s']:>8.3f} {fmt(mfu and 100 * mfu, '5.1f'):>5}% {fmt(mem, '7.2f'):>7} "
-              f"{fmt(speedups[0], '.2f'):>6}x {fmt(speedups[1], '.2f'):>6}x")
+              f"{fmt(speedups[0], '.2f') + 'x':>7} {fmt(speedups[1], '.2f') + 'x':>7}".replace("-x", "- "))
 
 
 def write_plot(result: dict, path: Path):
