@@ -75,16 +75,21 @@ class DecoderLayer(nn.Module):
         sa = self.attention
         x_norm = self.attention_norm(x, ops)
         q, k, v = (sa.split_heads(w(x_norm)) for w in (sa.wq, sa.wk, sa.wv))
-        attended = sa.wo(sa.merge_heads(ops.self_attention(q, k, v, *rope_tokens, window)))
+        attn = ops.self_attention(q, k, v, *rope_tokens, window)
+        ca = self.cross_attention
+        latent_kv = ca.split_heads(ca.wk(z_layer)), ca.split_heads(ca.wv(z_layer))
+        return self.after_self_attention(x, attn, latent_kv, rope_tokens, rope_latents, ops)
+
+    def after_self_attention(self, x, attn, latent_kv, rope_queries, rope_latents, ops: backends.Ops):
+        """The rest of the block once self-attention is done (shared with KV-cache decoding): residual,
+        cross-attention to the layer's latents (k, v given), SwiGLU."""
+        attended = self.attention.wo(self.attention.merge_heads(attn))
         # Residual add + the next pre-norm in one op (one pass over h instead of three when fused).
         h_norm, h = ops.add_rms_norm(x, attended, self.cross_attention_norm.weight, self.cross_attention_norm.eps)
-
         ca = self.cross_attention
         q = ca.split_heads(ca.wq(h_norm))
-        k, v = ca.split_heads(ca.wk(z_layer)), ca.split_heads(ca.wv(z_layer))
-        attended = ca.wo(ca.merge_heads(ops.latent_attention(q, k, v, *rope_tokens, *rope_latents)))
+        attended = ca.wo(ca.merge_heads(ops.latent_attention(q, *latent_kv, *rope_queries, *rope_latents)))
         h_norm, h = ops.add_rms_norm(h, attended, self.ffn_norm.weight, self.ffn_norm.eps)
-
         return h + self.feed_forward(h_norm, ops)
 
 
@@ -314,11 +319,7 @@ class LTMDecoder(nn.Module):
                 kp = cache.slot_pos[:valid]
                 attn = ops.latent_attention(q, cache.k[i][:, :, :valid], cache.v[i][:, :, :valid], cos_q, sin_q,
                                             cos[kp], sin[kp])
-            h = x + sa.wo(sa.merge_heads(attn))
-            ca = layer.cross_attention
-            q = ca.split_heads(ca.wq(layer.cross_attention_norm(h, ops)))
-            h = h + ca.wo(ca.merge_heads(ops.latent_attention(q, *cache.latent_kv[i], cos_q, sin_q, *rope_latents)))
-            x = h + layer.feed_forward(layer.ffn_norm(h, ops), ops)
+            x = layer.after_self_attention(x, attn, cache.latent_kv[i], (cos_q, sin_q), rope_latents, ops)
         cache.position = p + n
         return self.output(self.norm(x, ops))
 
