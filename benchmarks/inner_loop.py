@@ -48,7 +48,7 @@ from ltm_kernels import reference
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 VARIANTS = ("reference", "eager", "compiled", "compiled-max", "cpp", "triton", "fused", "fused+graph")
-DEFAULT_VARIANTS = {"cpu": ("reference", "eager", "compiled", "fused"),
+DEFAULT_VARIANTS = {"cpu": ("reference", "eager", "compiled", "cpp", "fused"),
                     "cuda": ("reference", "eager", "compiled", "compiled-max", "fused", "fused+graph")}
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Dense bf16/fp16 tensor-core peaks from the vendor datasheets (SXM parts), TFLOP/s.

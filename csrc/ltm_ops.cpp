@@ -17,6 +17,25 @@ TORCH_LIBRARY(ltm, m) {
       "Tensor(e!) exp_avg_logvar, Tensor(f!) exp_avg_sq_logvar, Tensor(g!) z, Tensor grad_z, Tensor noise, "
       "Tensor(h!) step, float lr, int total_steps, int schedule, float beta1, float beta2, float eps, "
       "float weight_decay) -> ()");
+  // Causal sliding-window self-attention with RoPE (adjacent pairs) applied to q and k inside, scale
+  // 1 / sqrt(head_dim): query i sees keys i - window < j <= i. q, k, v (B, H, N, hd), any strides; cos, sin
+  // (N, hd / 2). Returns out (B, H, N, hd) and lse (B, H, N), the log-sum-exp of each query's scaled scores
+  // (float32, float64 for float64 inputs), which the backward uses to recompute the probabilities.
+  // See ltm_kernels/attention_cpp.py (autograd, fake kernels) and csrc/attention.cpp (CPU kernel).
+  m.def("self_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, int window) -> (Tensor out, "
+        "Tensor lse)");
+  // Gradients of self_attention's out with respect to q, k, v (none for the tables), from the forward's out
+  // and lse.
+  m.def("self_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, "
+        "Tensor out, Tensor lse, int window) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // Unmasked attention of N queries to M keys (the tokens to their layer's latents; also KV-cache decoding),
+  // RoPE on q at the q tables (N, hd / 2) and on k at the k tables (M, hd / 2), none on v. q (B, H, N, hd),
+  // k, v (B, H, M, hd). Returns out (B, H, N, hd) and lse (B, H, N) as self_attention does.
+  m.def("latent_attention(Tensor q, Tensor k, Tensor v, Tensor cos_q, Tensor sin_q, Tensor cos_k, "
+        "Tensor sin_k) -> (Tensor out, Tensor lse)");
+  // Gradients of latent_attention's out with respect to q, k, v, from the forward's out and lse.
+  m.def("latent_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor cos_q, Tensor sin_q, "
+        "Tensor cos_k, Tensor sin_k, Tensor out, Tensor lse) -> (Tensor dq, Tensor dk, Tensor dv)");
 }
 
 // `import ltm_kernels._C` is what runs the static registrations above; the module itself stays empty.

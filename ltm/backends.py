@@ -2,11 +2,13 @@
 
 Backends (DESIGN section 4):
 - ``eager``  plain PyTorch (`ltm_kernels.reference`): the readable reference and the fallback everywhere.
-- ``cpp``    the compiled extension `ltm_kernels._C` for the ops it implements on the model's device;
-             the remaining ops run eagerly. Asking for it without a built extension is an error.
-- ``triton`` fused Triton kernels (`rms_norm`, `add_rms_norm`, `swiglu`, `lm_head_nll`, `posterior_step`) on
-             CUDA, or on CPU tensors under TRITON_INTERPRET=1 (slow, fp32: for tests); ops without a Triton
-             kernel yet (self/latent attention) run eagerly, as `Ops.impl` records.
+- ``cpp``    the compiled extension `ltm_kernels._C` for the ops it implements on the model's device
+             (CPU: posterior step, blocked sliding-window self-attention, latent cross-attention; CUDA:
+             posterior step where built with nvcc); the remaining ops run eagerly, as `Ops.impl` records.
+             Asking for it without a built extension, or on a device it has no kernel for, is an error.
+- ``triton`` fused Triton kernels (`rms_norm`, `add_rms_norm`, `swiglu`, `self_attention`, `latent_attention`,
+             `lm_head_nll`, `posterior_step`) on CUDA, or on CPU tensors under TRITON_INTERPRET=1 (slow, fp32:
+             for tests).
 - ``auto``   the fastest implementation available for each op on the model's device: Triton kernels on
              CUDA (half and fp32 tensors), the extension where built, else eager. Never the interpreter.
 
@@ -59,26 +61,44 @@ _EAGER = dict(
 )
 
 # Ops the C++ extension implements, by name (schema `ltm::<name>`); the functional wrappers live in ltm_kernels.
-_CPP = dict(posterior_step=ltm_kernels.posterior_step)
+_CPP = dict(posterior_step=ltm_kernels.posterior_step,
+            self_attention=ltm_kernels.self_attention_cpp,
+            latent_attention=ltm_kernels.latent_attention_cpp)
 
 # Ops with a Triton kernel; the first argument's dtype decides whether `auto` may use it.
 _TRITON = dict(
     rms_norm=ltm_kernels.rms_norm,
     add_rms_norm=ltm_kernels.add_rms_norm,
     swiglu=ltm_kernels.swiglu,
+    self_attention=ltm_kernels.self_attention,
+    latent_attention=ltm_kernels.latent_attention,
     lm_head_nll=ltm_kernels.linear_cross_entropy,
 )
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _triton_takes(name: str, x: torch.Tensor, args) -> bool:
+    if name == "latent_attention" and args[0].shape[-2] > ltm_kernels.MAX_LATENTS:
+        return False  # keys held on chip: more than the kernel's limit run eagerly under `auto`
+    return x.dtype in _TRITON_DTYPES
+
+
 def _triton_else_eager(name: str) -> Callable:
-    """For `auto`: the Triton kernel for the dtypes it takes, eager otherwise (an fp64 model on CUDA)."""
+    """For `auto`: the Triton kernel for the inputs it takes, eager otherwise (an fp64 model on CUDA)."""
     fast, eager = _TRITON[name], _EAGER[name]
 
     def op(x, *args):
-        return (fast if x.dtype in _TRITON_DTYPES else eager)(x, *args)
+        return (fast if _triton_takes(name, x, args) else eager)(x, *args)
     op.__name__ = op.__qualname__ = f"{name}_triton_else_eager"
     return op
+
+
+def decode_attention(ops: Ops, n_keys: int) -> Callable:
+    """The unmasked attention of one decoded token over `n_keys` cached keys (KV-cache generation): the
+    model's `latent_attention` op where it takes that many keys, the eager one otherwise."""
+    if n_keys > ltm_kernels.MAX_LATENTS and dict(ops.impl)["latent_attention"] == "triton":
+        return _EAGER["latent_attention"]
+    return ops.latent_attention
 
 
 def _posterior_step_triton_else_eager(mu, *args):
@@ -118,10 +138,11 @@ def select_ops(backend: str, device: torch.device) -> Ops:
         for name, fn in _CPP.items():
             if ltm_kernels.has_op(name, device.type):
                 chosen[name], impl[name] = fn, "cpp"
-            elif backend == "cpp":
-                raise BackendUnavailableError(
-                    f"cpp backend: the extension has no {device.type} kernel for ltm::{name} "
-                    f"(CUDA kernels are built only when torch has CUDA and nvcc is present)")
+        if backend == "cpp" and "cpp" not in impl.values():
+            missing = ", ".join(f"ltm::{name}" for name in _CPP)
+            raise BackendUnavailableError(
+                f"cpp backend: the extension has no {device.type} kernel for {missing} "
+                f"(CUDA kernels are built only when torch has CUDA and nvcc is present)")
     if backend == "triton" or (backend == "auto" and device.type == "cuda"):
         if ltm_kernels.triton_device_ok(device):
             for name, fn in _TRITON.items():

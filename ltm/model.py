@@ -317,8 +317,8 @@ class LTMDecoder(nn.Module):
             else:  # one token: all valid slots hold exactly its window
                 valid = min(p + 1, size)
                 kp = cache.slot_pos[:valid]
-                attn = ops.latent_attention(q, cache.k[i][:, :, :valid], cache.v[i][:, :, :valid], cos_q, sin_q,
-                                            cos[kp], sin[kp])
+                attn = backends.decode_attention(ops, valid)(q, cache.k[i][:, :, :valid], cache.v[i][:, :, :valid],
+                                                             cos_q, sin_q, cos[kp], sin[kp])
             x = layer.after_self_attention(x, attn, cache.latent_kv[i], (cos_q, sin_q), rope_latents, ops)
         cache.position = p + n
         return self.output(self.norm(x, ops))

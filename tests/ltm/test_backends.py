@@ -9,7 +9,7 @@ from triton_helpers import assert_close, interpreter
 
 import ltm_kernels
 from ltm import BackendUnavailableError, LTMConfig, LTMDecoder, backend_status
-from ltm.backends import select_ops
+from ltm.backends import decode_attention, select_ops
 
 CFG = LTMConfig.from_name("ltm-tiny")
 EXTENSION_OK, EXTENSION_REASON = ltm_kernels.extension_status()
@@ -66,27 +66,29 @@ def test_import_ltm_without_triton():
 @interpreter
 def test_triton_backend_uses_its_kernels_and_eager_for_the_rest():
     impl = dict(select_ops("triton", torch.device("cpu")).impl)
-    for name in ("rms_norm", "add_rms_norm", "swiglu", "lm_head_nll"):
-        assert impl[name] == "triton", impl
-    assert impl["self_attention"] == impl["latent_attention"] == "eager", impl  # no Triton attention yet
+    assert impl == {name: "triton" for name in impl}, impl
     # `auto` never picks the interpreter on CPU
     assert "triton" not in dict(select_ops("auto", torch.device("cpu")).impl).values()
 
 
 @interpreter
-def test_triton_model_equals_eager_under_the_interpreter():
-    """LTMDecoder(backend="triton") on CPU tensors (TRITON_INTERPRET=1): logits, ELBO terms and a short inner
-    loop equal the eager model's (fp32)."""
+@pytest.mark.parametrize("window", [16, 4])
+def test_triton_model_equals_eager_under_the_interpreter(window):
+    """LTMDecoder(backend="triton") on CPU tensors (TRITON_INTERPRET=1), every op a Triton kernel: logits, ELBO
+    terms and a short inner loop equal the eager model's (fp32), with a window covering the 13 tokens and one
+    shorter than them."""
+    cfg = LTMConfig.from_name("ltm-tiny", window_size=window)
     torch.manual_seed(0)
-    eager = LTMDecoder(CFG, backend="eager")
-    fused = LTMDecoder(CFG, backend="triton")
+    eager = LTMDecoder(cfg, backend="eager")
+    fused = LTMDecoder(cfg, backend="triton")
+    assert set(dict(fused.ops.impl).values()) == {"triton"}
     fused.load_state_dict(eager.state_dict())
     g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, CFG.vocab_size, (2, 13), generator=g)
-    targets = torch.randint(0, CFG.vocab_size, (2, 13), generator=g)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 13), generator=g)
+    targets = torch.randint(0, cfg.vocab_size, (2, 13), generator=g)
     targets[0, 3] = -1
-    mu, noise = (torch.randn(2, CFG.n_z, CFG.d_model, generator=g) for _ in range(2))
-    logvar = -2 + 0.1 * torch.randn(2, CFG.n_z, CFG.d_model, generator=g)
+    mu, noise = (torch.randn(2, cfg.n_z, cfg.d_model, generator=g) for _ in range(2))
+    logvar = -2 + 0.1 * torch.randn(2, cfg.n_z, cfg.d_model, generator=g)
     assert_close(fused(tokens, mu), eager(tokens, mu), 1e-5, "logits")
     for name, got, want in zip(("nll", "kl"), fused.elbo_terms(tokens, targets, mu, logvar, noise),
                                eager.elbo_terms(tokens, targets, mu, logvar, noise)):
@@ -95,6 +97,13 @@ def test_triton_model_equals_eager_under_the_interpreter():
     a, b = eager.infer_posterior(tokens, targets, **kw), fused.infer_posterior(tokens, targets, **kw)
     for name in ("mu", "logvar", "nll"):
         assert_close(getattr(b, name), getattr(a, name), 1e-4, name)
+
+
+@interpreter
+def test_decoding_over_more_cached_keys_than_the_triton_kernel_takes_runs_eagerly():
+    ops = select_ops("triton", torch.device("cpu"))
+    assert decode_attention(ops, ltm_kernels.MAX_LATENTS) is ops.latent_attention
+    assert decode_attention(ops, ltm_kernels.MAX_LATENTS + 1) is ltm_kernels.reference.latent_attention_ref
 
 
 def test_eager_and_auto_always_available():
@@ -108,7 +117,9 @@ def test_eager_and_auto_always_available():
 @pytest.mark.extension
 def test_auto_and_cpp_use_the_extension_on_cpu():
     for backend in ("auto", "cpp"):
-        assert dict(select_ops(backend, torch.device("cpu")).impl)["posterior_step"] == "cpp"
+        impl = dict(select_ops(backend, torch.device("cpu")).impl)
+        for name in ("posterior_step", "self_attention", "latent_attention"):
+            assert impl[name] == "cpp", impl
 
 
 @needs_extension
@@ -125,7 +136,11 @@ def test_cpp_without_a_kernel_for_the_device_says_so():
 
 @needs_extension
 @pytest.mark.extension
-@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+# fp64 shows the math is the same. fp32: the C++ attention rounds differently from SDPA (both ~1e-8 absolute
+# in dL/dz), and Adam's first steps move by ~lr * sign(g) whatever |g| is, so an element whose gradient is
+# ~1e-6 (ltm-tiny has some) ends up ~1e-4 apart after six steps at lr 0.34 (measured against fp64: cpp fp32
+# 5e-4 relative in logvar at such an element, eager fp32 1.4e-5; their dL/dz errors are alike).
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-3)])
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
 def test_cpp_inner_loop_equals_eager(dtype, rtol, schedule):
     torch.manual_seed(0)

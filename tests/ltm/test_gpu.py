@@ -23,7 +23,7 @@ def rel_err(got, want):
     return ((got.double().cpu() - want.double().cpu()).abs().max() / want.double().abs().max()).item()
 
 
-@pytest.mark.parametrize("backend", ["eager", "auto"])
+@pytest.mark.parametrize("backend", ["eager", "auto", "triton"])
 def test_cuda_matches_cpu_float64(backend):
     torch.manual_seed(0)
     ref = LTMDecoder(CFG, backend="eager").double()
