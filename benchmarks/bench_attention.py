@@ -132,7 +132,8 @@ def copy_bandwidth(device, numel=None) -> float:
 
 
 def max_rel_error(got, want) -> float:
-    return float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30))
+    got, want = got.detach().double(), want.detach().double()
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
 
 
 def check_and_time(fn, inputs, want, args, device):

@@ -240,7 +240,25 @@ def run_configuration(args, cfg, batch, seq, steps, device, dtype, status, peaks
 
     print("  eager: correctness baseline ...", flush=True)
     baseline = make_runner("eager", base, inputs, args, check_steps)()
-    rows = {}
+    cuda = device.type == "cuda"
+    # On CPU the timed runs go round-robin over the variants (the first one of each in the loop below, the
+    # rest after it): the speed of a shared CPU drifts over the minutes a run takes (clocks, other jobs), and
+    # interleaving spreads the drift over every variant instead of favouring the ones timed first. On CUDA
+    # each variant is timed alone and then released: at the DESIGN sizes they cannot all hold their memory
+    # (graph pools, logits) at once, and each one's peak memory must be its own.
+    interleave = not cuda
+    rows, times, kept = {}, {}, {}
+
+    def record_out_of_memory(variant, err):
+        if not is_out_of_memory(err):
+            raise err
+        rows[variant] = {"status": "out of memory", "reason": str(err).splitlines()[0]}
+        times.pop(variant, None)
+        kept.pop(variant, None)
+        print(f"  {variant}: out of memory at batch {batch} x {seq}; continuing with the others", flush=True)
+        if cuda:
+            torch.cuda.empty_cache()
+
     for variant in args.variants:
         try:
             model = build_variant(variant, base, status)
@@ -253,35 +271,41 @@ def run_configuration(args, cfg, batch, seq, steps, device, dtype, status, peaks
                 rows[variant] = {"status": "wrong", "max_rel_error": errors, "rtol": rtol}
                 print(f"  {variant}: WRONG (max relative error {errors} > {rtol}); not timed", flush=True)
                 continue
-            print(f"  {variant}: timing {args.repeats} run(s) ...", flush=True)
+            print(f"  {variant}: timing {args.repeats} run(s){' (interleaved)' if interleave else ''} ...",
+                  flush=True)
             run = runner(variant, model, inputs, args, steps)
             if args.train:
                 run()  # warm-up of the decoder update
-            if device.type == "cuda":
+            if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
-            times = time_runs(run, device, args.repeats)
+            times[variant] = time_runs(run, device, 1 if interleave else args.repeats)
         except Unavailable as err:
             rows[variant] = {"status": "unavailable", "reason": str(err)}
             print(f"  {variant}: unavailable ({err})", flush=True)
             continue
         except (RuntimeError, torch.OutOfMemoryError) as err:
-            if not is_out_of_memory(err):
-                raise
-            rows[variant] = {"status": "out of memory", "reason": str(err).splitlines()[0]}
-            print(f"  {variant}: out of memory at batch {batch} x {seq}; continuing with the others", flush=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            record_out_of_memory(variant, err)
             continue
-        median = statistics.median(times)
-        row = {"status": "ok", "max_rel_error": errors, "times_s": times, "median_s": median,
-               "ms_per_loop": 1e3 * median, "ms_per_step": 1e3 * median / steps,
-               "tokens_per_s": batch * seq * steps / median,
-               "model_tflops_per_s": flops / median / 1e12,
-               "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
+        rows[variant] = {"status": "ok", "max_rel_error": errors,
+                         "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if cuda else None}
+        if interleave:
+            kept[variant] = (model, run)  # the engine refers to its model weakly: keep both
+        del model, run  # on CUDA: released before the next variant is built
+    for _ in range(args.repeats - 1 if interleave else 0):
+        for variant, (_, run) in list(kept.items()):
+            try:
+                times[variant] += time_runs(run, device, 1)
+            except (RuntimeError, torch.OutOfMemoryError) as err:
+                record_out_of_memory(variant, err)
+    for variant, variant_times in times.items():
+        median = statistics.median(variant_times)
+        row = rows[variant]
+        row.update({"times_s": variant_times, "median_s": median, "ms_per_loop": 1e3 * median,
+                    "ms_per_step": 1e3 * median / steps, "tokens_per_s": batch * seq * steps / median,
+                    "model_tflops_per_s": flops / median / 1e12})
         for key, peak in peaks.items():
             if peak and not args.train:  # a training iteration also does the decoder update: not counted
                 row[f"mfu_vs_{key}"] = row["model_tflops_per_s"] / peak
-        rows[variant] = row
     for ref_name in ("reference", "compiled"):
         ref = rows.get(ref_name, {})
         for row in rows.values():

@@ -52,6 +52,8 @@
 #include <ATen/Version.h>
 #include <torch/library.h>
 
+#include "cpu_isa.h"
+
 #include <algorithm>
 #include <climits>
 #include <cmath>
@@ -325,30 +327,6 @@ template <typename T, bool kCausal>
 }
 #undef LTM_AVX512
 #endif  // __x86_64__
-
-enum class Isa { kDefault, kAvx2, kAvx512 };
-
-// The lower of what the CPU supports and what ATen's own kernels use (ATEN_CPU_CAPABILITY can lower it).
-Isa cpu_isa() {
-  static const Isa isa = [] {
-#if !defined(__x86_64__)
-    return Isa::kDefault;
-#else
-    __builtin_cpu_init();
-    Isa hw = Isa::kDefault;
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl")) {
-      hw = Isa::kAvx512;
-    } else if (__builtin_cpu_supports("avx2")) {
-      hw = Isa::kAvx2;
-    }
-    const std::string aten = at::get_cpu_capability();
-    const Isa cap = aten == "AVX512" ? Isa::kAvx512 : aten == "AVX2" ? Isa::kAvx2 : Isa::kDefault;
-    return std::min(hw, cap);
-#endif
-  }();
-  return isa;
-}
 
 template <typename T, bool kCausal>
 RowFns<T, kCausal> select_row_fns() {

@@ -44,6 +44,21 @@ def test_writes_the_result_file(bench, tmp_path):
     assert rows["fused+graph"]["status"] == "unavailable" and "CUDA" in rows["fused+graph"]["reason"]
 
 
+def test_cpu_timed_runs_are_interleaved_across_variants(bench, tmp_path, monkeypatch):
+    order = []
+    time_runs = bench.time_runs
+
+    def logged(run, device, repeats):
+        order.append(run)
+        return time_runs(run, device, repeats)
+    monkeypatch.setattr(bench, "time_runs", logged)
+    result = bench.main(TINY + ["--variants", "eager,fused", "--repeats", "3", "--out", str(tmp_path / "r.json")])
+    rows = result["runs"][0]["variants"]
+    assert [len(rows[v]["times_s"]) for v in ("eager", "fused")] == [3, 3]
+    eager, fused = order[0], order[1]
+    assert order == [eager, fused] * 3  # round-robin, one timed run at a time
+
+
 def test_a_wrong_variant_is_reported_not_timed(bench, tmp_path):
     result = bench.main(TINY + ["--variants", "eager,reference", "--out", str(tmp_path / "r.json")],
                         wrong_variant="reference")
