@@ -375,7 +375,9 @@ def git_commit() -> str:
     here = Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=here)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+        # Result files rewritten by earlier runs do not make the measured code dirty.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                ":(exclude,top)benchmarks/results"], capture_output=True,
                                text=True, timeout=10, cwd=here).stdout.strip()
         return head.stdout.strip() + ("-dirty" if dirty else "") if head.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
