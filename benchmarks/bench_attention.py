@@ -206,6 +206,18 @@ def run_variants(kind, names, make_fn, inputs, grad_out, work, unit, args, devic
     return rows
 
 
+def print_table(title, rows, unit, unit_label, fmt):
+    print(f"\n{title}")
+    print(f"{'variant':<16} {'fwd ms':>9} {'fwd ' + unit_label:>9} {'bwd ms':>9} {'bwd ' + unit_label:>9}  note")
+    for name, row in rows.items():
+        if row["status"] == "ok":
+            print(f"{name:<16} {row['forward_ms']:>9.3f} {row['forward_' + unit]:>9{fmt}} "
+                  f"{row['backward_ms']:>9.3f} {row['backward_' + unit]:>9{fmt}}")
+        else:
+            print(f"{name:<16} {'-':>9} {'-':>9} {'-':>9} {'-':>9}  {row['status']}: "
+                  f"{row.get('reason') or row.get('max_rel_error')}")
+
+
 # ---------------------------------------------------------------- main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -287,24 +299,10 @@ def main(argv=None) -> dict:
             for phase in ("forward", "backward"):
                 row[f"{phase}_fraction_of_copy_bandwidth"] = row[f"{phase}_gbps"] * 1e9 / bandwidth
 
-    print(f"\nself-attention, exact-window TFLOP/s (forward {self_attention_flops(B, H, N, hd, W)[0] / 1e9:.2f} GFLOP)")
-    print(f"{'variant':<16} {'fwd ms':>9} {'fwd TF/s':>9} {'bwd ms':>9} {'bwd TF/s':>9}  note")
-    for name, row in self_rows.items():
-        if row["status"] == "ok":
-            print(f"{name:<16} {row['forward_ms']:>9.3f} {row['forward_tflops']:>9.2f} {row['backward_ms']:>9.3f} "
-                  f"{row['backward_tflops']:>9.2f}")
-        else:
-            print(f"{name:<16} {'-':>9} {'-':>9} {'-':>9} {'-':>9}  {row['status']}: "
-                  f"{row.get('reason') or row.get('max_rel_error')}")
-    print(f"\ncross-attention, GB/s of compulsory traffic (copy bandwidth {bandwidth / 1e9:.1f} GB/s)")
-    print(f"{'variant':<16} {'fwd ms':>9} {'fwd GB/s':>9} {'bwd ms':>9} {'bwd GB/s':>9}  note")
-    for name, row in cross_rows.items():
-        if row["status"] == "ok":
-            print(f"{name:<16} {row['forward_ms']:>9.3f} {row['forward_gbps']:>9.1f} {row['backward_ms']:>9.3f} "
-                  f"{row['backward_gbps']:>9.1f}")
-        else:
-            print(f"{name:<16} {'-':>9} {'-':>9} {'-':>9} {'-':>9}  {row['status']}: "
-                  f"{row.get('reason') or row.get('max_rel_error')}")
+    print_table(f"self-attention, exact-window TFLOP/s (forward {self_attention_flops(B, H, N, hd, W)[0] / 1e9:.2f} "
+                "GFLOP)", self_rows, "tflops", "TF/s", ".2f")
+    print_table(f"cross-attention, GB/s of compulsory traffic (copy bandwidth {bandwidth / 1e9:.1f} GB/s)", cross_rows,
+                "gbps", "GB/s", ".1f")
 
     result = {"benchmark": "attention", "date": dt.datetime.now().isoformat(timespec="seconds"), "commit": commit,
               "device": info, "dtype": args.dtype, "repeats": args.repeats, "warmup": args.warmup,

@@ -58,3 +58,45 @@ def assert_close(got, want, tol: float, name: str) -> None:
         raise AssertionError(f"{name}: relative error {err:.3e} > {tol:.1e}; worst at index {idx}: "
                              f"got {got.detach().flatten()[diff.argmax()].item()!r}, "
                              f"want {want.detach().flatten()[diff.argmax()].item()!r}")
+
+
+# Ahead-of-time compilation for an H100 (sm_90) down to a cubin, on any machine: the test files give the body
+# of a script (which kernels, with which signatures and constexprs) and `compile_for_sm90` runs it after
+# this prelude, in a subprocess without TRITON_INTERPRET (the kernels must be decorated for the compiler).
+AOT_PRELUDE = r'''
+import importlib, inspect, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+if "constexprs" not in inspect.signature(ASTSource.__init__).parameters:
+    print("SKIP: this triton's ASTSource has no `constexprs` (API before 3.3)"); sys.exit(0)
+
+def compile_(fn, sig, constexprs, num_warps, num_stages=3):
+    sig = dict(sig, **{name: "constexpr" for name in constexprs})
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=num_warps, num_stages=num_stages))
+    assert kernel.asm["cubin"], fn
+    print("compiled", fn.__name__, constexprs, num_warps, flush=True)
+'''
+
+
+def compile_for_sm90(body: str, timeout: int = 600) -> None:
+    """Run AOT_PRELUDE + body in a subprocess; it must print ALL OK. Skips (saying why) on a triton without
+    the API or without its bundled ptxas."""
+    import os
+    import subprocess
+    import sys
+
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed: Triton kernel tests not run")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences triton 3.9's notice about a future default
+    result = subprocess.run([sys.executable, "-c", AOT_PRELUDE + body], capture_output=True, text=True, env=env,
+                            check=False, timeout=timeout)
+    out = result.stdout + result.stderr
+    if "SKIP:" in result.stdout:
+        pytest.skip(result.stdout.split("SKIP:", 1)[1].strip())
+    if result.returncode != 0 and ("ptxas" in out and "not found" in out.lower()):
+        pytest.skip("triton's bundled ptxas is missing: cannot compile to a cubin here")
+    assert result.returncode == 0 and "ALL OK" in result.stdout, out[-4000:]

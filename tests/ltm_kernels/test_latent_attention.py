@@ -5,13 +5,10 @@ torch.compile; on a GPU the fp16/bf16 rule of DESIGN section 6, determinism, CUD
 compile of both kernels without a GPU."""
 import importlib
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from triton_helpers import HAS_TRITON, assert_close, gpu, interpreter, rel_err
+from triton_helpers import assert_close, compile_for_sm90, gpu, interpreter, rel_err
 
 from ltm_kernels.latent_attention import latent_attention
 from ltm_kernels.reference import latent_attention_ref
@@ -287,13 +284,6 @@ def test_gpu_torch_compile_fullgraph_equals_eager():
 
 # ------------------------------------------------------------------------- sm_90 compile, no GPU needed
 SCRIPT = r'''
-import inspect, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-if "constexprs" not in inspect.signature(ASTSource.__init__).parameters:
-    print("SKIP: this triton's ASTSource has no `constexprs` (API before 3.3)"); sys.exit(0)
-import importlib
 la = importlib.import_module("ltm_kernels.latent_attention")
 
 def signature(fn, dt, grad_dt):
@@ -315,14 +305,6 @@ def signature(fn, dt, grad_dt):
             sig[name] = "i32"
     return sig
 
-def compile_(fn, sig, constexprs, num_warps, num_stages=3):
-    sig = dict(sig, **{name: "constexpr" for name in constexprs})
-    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=num_warps, num_stages=num_stages))
-    assert kernel.asm["cubin"], fn
-    print("compiled", fn.__name__, constexprs, num_warps)
-
 torch_dtype = {"bf16": la.torch.bfloat16, "fp32": la.torch.float32}
 for dt in ("bf16", "fp32"):
     prec = la._precision(torch_dtype[dt])
@@ -341,14 +323,5 @@ print("ALL OK")
 '''
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: Triton kernel tests not run")
 def test_kernels_compile_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences triton 3.9's notice about a future default
-    result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300)
-    out = result.stdout + result.stderr
-    if "SKIP:" in result.stdout:
-        pytest.skip(result.stdout.split("SKIP:", 1)[1].strip())
-    if result.returncode != 0 and ("ptxas" in out and "not found" in out.lower()):
-        pytest.skip("triton's bundled ptxas is missing: cannot compile to a cubin here")
-    assert result.returncode == 0 and "ALL OK" in result.stdout, out[-4000:]
+    compile_for_sm90(SCRIPT)

@@ -3,13 +3,10 @@ output, lse and dq, dk, dv; windows 1, small, larger than a tile, >= N; N not a 
 head dims 32, 64, 128; non-contiguous inputs; argument errors; opcheck of the registered op; the kernels
 compile for sm_90; on a GPU the low-precision rule of DESIGN section 6, CUDA graphs and torch.compile."""
 import importlib
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from triton_helpers import HAS_TRITON, assert_close, gpu, interpreter, rel_err
+from triton_helpers import assert_close, compile_for_sm90, gpu, interpreter, rel_err
 
 from ltm_kernels.reference import self_attention_ref, sliding_window_mask
 from ltm_kernels.self_attention import self_attention
@@ -257,22 +254,7 @@ def test_gpu_opcheck():
 # ---- every kernel compiles for an H100 (sm_90), on any machine ----
 
 COMPILE_SCRIPT = r'''
-import inspect, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-if "constexprs" not in inspect.signature(ASTSource.__init__).parameters:
-    print("SKIP: this triton's ASTSource has no `constexprs` (API before 3.3)"); sys.exit(0)
-import importlib
 sa = importlib.import_module("ltm_kernels.self_attention")
-
-def compile_(fn, sig, constexprs, num_warps, num_stages):
-    sig = dict(sig, **{name: "constexpr" for name in constexprs})
-    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=num_warps, num_stages=num_stages))
-    assert kernel.asm["cubin"], fn
-    print("compiled", fn.__name__, constexprs, flush=True)
 
 def strides(*names):
     return {f"stride_{n}{d}": "i32" for n in names for d in "bhnd"}
@@ -299,15 +281,5 @@ print("ALL OK")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: Triton kernel tests not run")
 def test_kernels_compile_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences triton 3.9's notice about a future default
-    result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, env=env,
-                            check=False, timeout=600)
-    out = result.stdout + result.stderr
-    if "SKIP:" in result.stdout:
-        pytest.skip(result.stdout.split("SKIP:", 1)[1].strip())
-    if result.returncode != 0 and ("ptxas" in out and "not found" in out.lower()):
-        pytest.skip("triton's bundled ptxas is missing: cannot compile to a cubin here")
-    assert result.returncode == 0 and "ALL OK" in result.stdout, out[-4000:]
+    compile_for_sm90(COMPILE_SCRIPT)

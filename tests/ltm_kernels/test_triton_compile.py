@@ -5,31 +5,13 @@ The interpreter tests run the kernels' math on CPU but do not type-check them th
 explicit target, and the ptxas shipped in the wheel) does, so GPU-only compile errors show up on any machine.
 Run in a subprocess: the kernels must be decorated without TRITON_INTERPRET (tests/conftest.py may set it).
 """
-import os
-import subprocess
-import sys
 
-import pytest
-from triton_helpers import HAS_TRITON
+from triton_helpers import compile_for_sm90
 
 SCRIPT = r'''
-import inspect, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-if "constexprs" not in inspect.signature(ASTSource.__init__).parameters:
-    print("SKIP: this triton's ASTSource has no `constexprs` (API before 3.3)"); sys.exit(0)
-import importlib
 lce = importlib.import_module("ltm_kernels.linear_cross_entropy")
 rms = importlib.import_module("ltm_kernels.rms_norm")
 swi = importlib.import_module("ltm_kernels.swiglu")
-
-def compile_(fn, sig, constexprs, num_warps):
-    sig = dict(sig, **{name: "constexpr" for name in constexprs})
-    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
-    assert kernel.asm["cubin"], fn
-    print("compiled", fn.__name__, constexprs)
 
 for dt in ("bf16", "fp32"):
     for write_grad in (True, False):
@@ -51,14 +33,5 @@ print("ALL OK")
 '''
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: Triton kernel tests not run")
 def test_kernels_compile_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences triton 3.9's notice about a future default
-    result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300)
-    out = result.stdout + result.stderr
-    if "SKIP:" in result.stdout:
-        pytest.skip(result.stdout.split("SKIP:", 1)[1].strip())
-    if result.returncode != 0 and ("ptxas" in out and "not found" in out.lower()):
-        pytest.skip("triton's bundled ptxas is missing: cannot compile to a cubin here")
-    assert result.returncode == 0 and "ALL OK" in result.stdout, out[-4000:]
+    compile_for_sm90(SCRIPT)
