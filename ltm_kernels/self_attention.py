@@ -25,7 +25,8 @@ Kernels: the forward (grid: query blocks x B*H) stores out and lse. The backward
 (deterministic): dQ over query blocks, which also computes and stores delta (it reads dO and out anyway,
 so no separate preprocessing pass), then dK/dV over key blocks, looping over the query tiles that can
 see the block (rows j .. j + W - 1). q, k, v and dO may have any strides (the model passes transposed
-views of (B, N, H, hd)); out, dq, dk, dv are contiguous (B, H, N, hd).
+views of (B, N, H, hd)); out, dq, dk, dv take q's layout where q is dense (so merging the heads after it,
+and the projections' backward, need no copy), contiguous (B, H, N, hd) otherwise.
 
 On CUDA each kernel is autotuned over a few tile configs, keyed on (power-of-two buckets of N and of the
 window, hd, dtypes): only the first call with a new key benchmarks (and synchronises); later calls with that
@@ -82,8 +83,9 @@ if TRITON_AVAILABLE:
         return even * cos - odd * sin, even * sin + odd * cos
 
     @triton.jit
-    def _store_unrotated(x_ptr, rows, N, d_even, d_odd, cos_ptr, sin_ptr, ROWS: tl.constexpr, HD: tl.constexpr):
-        """Undo RoPE on the gradient (d_even, d_odd) of rotated rows and store them into contiguous (N, HD)."""
+    def _store_unrotated(x_ptr, rows, N, stride_n, stride_d, d_even, d_odd, cos_ptr, sin_ptr,
+                         ROWS: tl.constexpr, HD: tl.constexpr):
+        """Undo RoPE on the gradient (d_even, d_odd) of rotated rows and store them into the (N, HD) rows of x."""
         HALF: tl.constexpr = HD // 2
         c = tl.arange(0, HALF)
         cs_offs = rows[:, None] * HALF + c[None, :]
@@ -91,7 +93,8 @@ if TRITON_AVAILABLE:
         sin = tl.load(sin_ptr + cs_offs, mask=(rows < N)[:, None], other=0.0)
         x = tl.reshape(tl.join(d_even * cos + d_odd * sin, d_odd * cos - d_even * sin), (ROWS, HD))
         d = tl.arange(0, HD)
-        tl.store(x_ptr + rows[:, None] * HD + d[None, :], x.to(x_ptr.dtype.element_ty), mask=(rows < N)[:, None])
+        tl.store(x_ptr + rows[:, None] * stride_n + d[None, :] * stride_d, x.to(x_ptr.dtype.element_ty),
+                 mask=(rows < N)[:, None])
 
     @triton.jit
     def _key_tile_ranges(i0, N, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -147,7 +150,7 @@ if TRITON_AVAILABLE:
     def _self_attention_fwd_kernel(
         q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, out_ptr, lse_ptr,
         stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_vb, stride_vh, stride_vn, stride_vd, stride_yb, stride_yh, stride_yn, stride_yd,
         H, N, window, qk_scale, N_KEY, WINDOW_KEY,  # *_KEY: only autotuning keys (buckets of N and window)
         HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
     ):
@@ -174,7 +177,7 @@ if TRITON_AVAILABLE:
         l_i = tl.where(row_ok, l_i, 1.0)  # rows >= N may have seen no key: no 0 / 0 in rows never stored
         tl.store(lse_ptr + bh * N + offs_m, (m_i + tl.math.log2(l_i)) / 1.4426950408889634, mask=row_ok)
         d = tl.arange(0, HD)
-        out_ptrs = out_ptr + bh * N * HD + offs_m[:, None] * HD + d[None, :]
+        out_ptrs = out_ptr + b * stride_yb + h * stride_yh + offs_m[:, None] * stride_yn + d[None, :] * stride_yd
         tl.store(out_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
@@ -207,6 +210,7 @@ if TRITON_AVAILABLE:
         q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, out_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
         stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on, stride_od,
+        stride_yb, stride_yh, stride_yn, stride_yd,
         H, N, window, qk_scale, sm_scale, N_KEY, WINDOW_KEY,
         HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
     ):
@@ -222,7 +226,9 @@ if TRITON_AVAILABLE:
         d = tl.arange(0, HD)
         do = tl.load(do_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + d[None, :] * stride_od,
                      mask=row_ok[:, None], other=0.0)
-        out = tl.load(out_ptr + bh * N * HD + offs_m[:, None] * HD + d[None, :], mask=row_ok[:, None], other=0.0)
+        y_offs = b * stride_yb + h * stride_yh  # out and dq: the outputs' layout
+        out = tl.load(out_ptr + y_offs + offs_m[:, None] * stride_yn + d[None, :] * stride_yd, mask=row_ok[:, None],
+                      other=0.0)
         delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), 1)
         tl.store(delta_ptr + bh * N + offs_m, delta, mask=row_ok)
         lse2 = tl.load(lse_ptr + bh * N + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
@@ -236,8 +242,8 @@ if TRITON_AVAILABLE:
         dq_e, dq_o = _dq_tiles(dq_e, dq_o, q_e, q_o, do, lse2, delta, offs_m, *args, lo, a, BLOCK_N, HD, True, IEEE)
         dq_e, dq_o = _dq_tiles(dq_e, dq_o, q_e, q_o, do, lse2, delta, offs_m, *args, a, b_, BLOCK_N, HD, False, IEEE)
         dq_e, dq_o = _dq_tiles(dq_e, dq_o, q_e, q_o, do, lse2, delta, offs_m, *args, b_, hi, BLOCK_N, HD, True, IEEE)
-        _store_unrotated(dq_ptr + bh * N * HD, offs_m, N, dq_e * sm_scale, dq_o * sm_scale, cos_ptr, sin_ptr,
-                         BLOCK_M, HD)
+        _store_unrotated(dq_ptr + y_offs, offs_m, N, stride_yn, stride_yd, dq_e * sm_scale, dq_o * sm_scale,
+                         cos_ptr, sin_ptr, BLOCK_M, HD)
 
     @triton.jit
     def _dkdv_tiles(dk_e, dk_o, dv, k_e, k_o, v, offs_n, q_ptr, do_ptr, lse_ptr, delta_ptr, cos_ptr, sin_ptr,
@@ -277,6 +283,7 @@ if TRITON_AVAILABLE:
         q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
         stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on, stride_od,
+        stride_yb, stride_yh, stride_yn, stride_yd,
         H, N, window, qk_scale, sm_scale, N_KEY, WINDOW_KEY,
         HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
     ):
@@ -306,10 +313,11 @@ if TRITON_AVAILABLE:
         dk_e, dk_o, dv = _dkdv_tiles(dk_e, dk_o, dv, k_e, k_o, v, offs_n, *args, lo, a, BLOCK_M, HD, True, IEEE)
         dk_e, dk_o, dv = _dkdv_tiles(dk_e, dk_o, dv, k_e, k_o, v, offs_n, *args, a, b_, BLOCK_M, HD, False, IEEE)
         dk_e, dk_o, dv = _dkdv_tiles(dk_e, dk_o, dv, k_e, k_o, v, offs_n, *args, b_, hi, BLOCK_M, HD, True, IEEE)
-        _store_unrotated(dk_ptr + bh * N * HD, offs_n, N, dk_e * sm_scale, dk_o * sm_scale, cos_ptr, sin_ptr,
-                         BLOCK_N, HD)
-        tl.store(dv_ptr + bh * N * HD + offs_n[:, None] * HD + d[None, :], dv.to(dv_ptr.dtype.element_ty),
-                 mask=(offs_n < N)[:, None])
+        y_offs = b * stride_yb + h * stride_yh  # dk, dv: the outputs' layout
+        _store_unrotated(dk_ptr + y_offs, offs_n, N, stride_yn, stride_yd, dk_e * sm_scale, dk_o * sm_scale,
+                         cos_ptr, sin_ptr, BLOCK_N, HD)
+        tl.store(dv_ptr + y_offs + offs_n[:, None] * stride_yn + d[None, :] * stride_yd,
+                 dv.to(dv_ptr.dtype.element_ty), mask=(offs_n < N)[:, None])
 
     _KEY = ["N_KEY", "HD", "WINDOW_KEY"]  # the autotuner adds the tensors' dtypes
 
@@ -349,11 +357,11 @@ def _tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _self_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, window: int):
-    """Launch the forward: -> out (B, H, N, hd) contiguous in q's dtype, lse (B, H, N) fp32 (natural log)."""
+    """Launch the forward: -> out (B, H, N, hd) in q's dtype and layout, lse (B, H, N) fp32 (natural log)."""
     B, H, N, hd = q.shape
     window = min(window, N)  # W >= N is plain causal
     cos, sin = _tables(cos, sin)
-    out = torch.empty((B, H, N, hd), dtype=q.dtype, device=q.device)
+    out = torch.empty_like(q)  # q's layout where q is dense: the model's head merge after it is then free
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
@@ -362,7 +370,7 @@ def _self_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tenso
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_M"]), B * H)
 
-    _fwd_kernel[grid](q, k, v, cos, sin, out, lse, *_strides(q), *_strides(k), *_strides(v),
+    _fwd_kernel[grid](q, k, v, cos, sin, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
                       H, N, window, sm_scale * _LOG2E, *_tune_keys(N, window),
                       HD=hd, IEEE=q.dtype == torch.float32, **_FIXED)
     return out, lse
@@ -370,19 +378,23 @@ def _self_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tenso
 
 def _self_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, out: Tensor,
                         lse: Tensor, window: int):
-    """Launch the backward (dQ + delta, then dK/dV): -> dq, dk, dv contiguous (B, H, N, hd) in q's dtype."""
+    """Launch the backward (dQ + delta, then dK/dV): -> dq, dk, dv in q's dtype and layout."""
     B, H, N, hd = q.shape
     window = min(window, N)
     cos, sin = _tables(cos, sin)
     dout = dout.to(q.dtype)
-    out, lse = out.contiguous(), lse.contiguous()
-    dq, dk, dv = (torch.empty((B, H, N, hd), dtype=q.dtype, device=q.device) for _ in range(3))
+    # dq, dk, dv in q's layout where q is dense (the model's q, k, v are views of one (B, N, H, hd) layout, which
+    # is what the projections' backward wants); out is read with the same strides.
+    dq, dk, dv = (torch.empty_like(q) for _ in range(3))
+    if out.stride() != dq.stride():
+        out = torch.empty_like(dq).copy_(out)
+    lse = lse.contiguous()
     if dq.numel() == 0:
         return dq, dk, dv
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     sm_scale = 1.0 / math.sqrt(hd)
     common = dict(HD=hd, IEEE=q.dtype == torch.float32, **_FIXED)
-    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq))
     scalars = (H, N, window, sm_scale * _LOG2E, sm_scale, *_tune_keys(N, window))
     _dq_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
         q, k, v, cos, sin, out, dout, lse, delta, dq, *strides, *scalars, **common)
@@ -402,7 +414,7 @@ def self_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor
 
 @self_attention_fwd.register_fake
 def _(q, k, v, cos, sin, window):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("ltm_triton::self_attention_bwd", mutates_args=())
@@ -414,7 +426,7 @@ def self_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, cos: Tenso
 
 @self_attention_bwd.register_fake
 def _(dout, q, k, v, cos, sin, out, lse, window):
-    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+    return torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
 
 
 def _setup_context(ctx, inputs, output):
@@ -467,7 +479,8 @@ def self_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, wi
     keys (query i sees i - window < j <= i), scale 1/sqrt(hd).
 
     q, k, v: (B, H, N, hd), hd in (32, 64, 128), one dtype (fp32 / bf16 / fp16) and device, any strides.
-    cos, sin: (N, hd / 2), used in fp32. Returns (B, H, N, hd) contiguous in q's dtype; differentiable in q, k, v.
+    cos, sin: (N, hd / 2), used in fp32. Returns (B, H, N, hd) in q's dtype and layout (`empty_like(q)`);
+    differentiable in q, k, v.
     """
     _check(q, k, v, cos, sin, window)
     return torch.ops.ltm_triton.self_attention_fwd(q, k, v, cos, sin, int(window))[0]
