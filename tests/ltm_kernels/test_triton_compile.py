@@ -1,4 +1,5 @@
-"""Every Triton kernel compiles for an H100 (sm_90) down to a cubin, without a GPU.
+"""The LM-head, RMSNorm, SwiGLU and posterior-step Triton kernels compile for an H100 (sm_90) down to a cubin,
+without a GPU (the attention kernels' test files do the same for theirs, with the same helper).
 
 The interpreter tests run the kernels' math on CPU but do not type-check them the way the compiler does
 (loop-carried types, constexpr use, pointer dtypes). Triton's ahead-of-time path (`triton.compile` with an
@@ -12,6 +13,7 @@ SCRIPT = r'''
 lce = importlib.import_module("ltm_kernels.linear_cross_entropy")
 rms = importlib.import_module("ltm_kernels.rms_norm")
 swi = importlib.import_module("ltm_kernels.swiglu")
+pst = importlib.import_module("ltm_kernels.posterior_step_triton")
 
 for dt in ("bf16", "fp32"):
     for write_grad in (True, False):
@@ -29,6 +31,12 @@ for dt in ("bf16", "fp32"):
              dict(BLOCK=1024), 4)
     compile_(swi._swiglu_bwd_kernel, dict(g_ptr="*" + dt, u_ptr="*" + dt, dout_ptr="*" + dt, dg_ptr="*" + dt,
              du_ptr="*" + dt, numel="i32"), dict(BLOCK=1024), 4)
+    latents = {name: "*" + dt for name in ("mu_ptr", "lv_ptr", "m_mu_ptr", "v_mu_ptr", "m_lv_ptr", "v_lv_ptr",
+                                           "z_ptr", "g_ptr", "e_ptr")}
+    for schedule in (0, 1, 2):
+        compile_(pst._posterior_step_kernel, dict(latents, step_ptr="*i64", n="i32", total_steps="i32", lr="fp64",
+                 beta1="fp64", beta2="fp64", eps="fp64", weight_decay="fp64"),
+                 dict(SCHEDULE=schedule, LERP_FROM_M=True, BLOCK=pst._BLOCK), 4)
 print("ALL OK")
 '''
 
