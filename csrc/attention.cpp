@@ -28,9 +28,9 @@
 // thread, as it does for ATen's own kernels). A torch without those
 // symbols still loads this extension (weak references) and the GEMMs go through at::addmm_ on views of the
 // same buffers instead, which costs a few microseconds of tensor bookkeeping per call.
-// The softmax exp: float uses exp_nonpositive below (plain arithmetic that GCC vectorises; libm's expf is a
-// scalar call), compiled for the x86-64 baseline, AVX2 and AVX-512 and picked at run time; float64 stays on
-// libm's exp (its tests compare to ~1e-10).
+// The softmax exp: float uses exp_softmax (vectorisable_exp.h: plain arithmetic that GCC vectorises; libm's
+// expf is a scalar call), compiled for the x86-64 baseline, AVX2 and AVX-512 and picked at run time; float64
+// stays on libm's exp (its tests compare to ~1e-10).
 //
 // Measured on a 2-core Intel Xeon (AVX-512, KVM, shared with other jobs), torch 2.13.0+cpu (MKL), GCC 12.2,
 // float32, B = 4, H = 4, hd = 64, inputs the model's transposed views, through the public functions and
@@ -53,6 +53,7 @@
 #include <torch/library.h>
 
 #include "cpu_isa.h"
+#include "vectorisable_exp.h"
 
 #include <algorithm>
 #include <climits>
@@ -123,47 +124,8 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
 
 // ----------------------------------------------------------------------------------------- exp and rows
 
-// exp(x) for the softmax's x <= 0 (a score minus its row max, or minus its lse, which rounding may leave a hair
-// above 0; valid up to x = 88), in plain arithmetic that GCC vectorises (libm's expf is a scalar call).
-// x = n ln2 + r with n = round(x / ln2), |r| <= ln2 / 2; ln2 is split into a part with 15 significant bits
-// (n * kLn2Hi is exact) and the rest. exp(r) by its Taylor polynomial to degree 7 (truncation < 1e-8
-// relative), 2^n from the exponent bits. Below -87 (where 2^n would leave the normal range) the result is 0,
-// which the softmax cannot tell from exp(-87) ~ 1.6e-38 relative to the row's largest term; NaN stays NaN.
-// Measured against double-precision exp on every float in [-87, 0]: at most 1.21 ulp (1.0e-7 relative).
-// Only +, -, *, comparisons and integer ops, no FMA (setup.py: -ffp-contract=off): the SSE2, AVX2 and AVX-512
-// copies compute the same exp bits (the row sums around it are reduced in a lane-count-dependent order).
-inline float exp_nonpositive(float x) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693145751953125f;  // ln 2 to 15 significant bits: n * kLn2Hi exact for |n| <= 2^8
-  constexpr float kLn2Lo = 1.42860682030941723e-6f;
-  constexpr float kShift = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer, kept in the low bits
-  const bool underflow = x < -87.0f;
-  x = underflow ? -87.0f : x;
-  const float t = x * kLog2e + kShift;
-  const float n = t - kShift;
-  const float r = (x - n * kLn2Hi) - n * kLn2Lo;
-  // 1 + r + r^2/2! + ... + r^7/7!, Horner from the top.
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  int32_t t_bits, shift_bits;
-  std::memcpy(&t_bits, &t, sizeof t_bits);
-  std::memcpy(&shift_bits, &kShift, sizeof shift_bits);
-  const int32_t ni = t_bits - shift_bits;  // n >= -126 after the clamp
-  const int32_t scale_bits = (ni + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &scale_bits, sizeof scale);
-  const float result = p * scale;
-  return underflow ? 0.0f : result;
-}
-
 inline float exp_impl(float x) {
-  return exp_nonpositive(x);
+  return exp_softmax(x);
 }
 inline double exp_impl(double x) {
   return std::exp(x);
