@@ -264,9 +264,9 @@ def parse_args(argv=None):
 
 
 def rope_tables(positions, head_dim, device):
-    inv_freq = 10000.0 ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = positions.double()[:, None] * inv_freq[None, :]
-    return angles.cos().float().to(device), angles.sin().float().to(device)
+    """fp32 tables on `device`, computed in float64 as the model's fp32 path reads them."""
+    cos, sin = reference.rope_tables(positions, head_dim, 10000.0, torch.float64)
+    return cos.float().to(device), sin.float().to(device)
 
 
 def main(argv=None) -> dict:

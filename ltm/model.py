@@ -17,6 +17,7 @@ from torch import nn
 
 from ltm import backends
 from ltm.config import LTMConfig
+from ltm_kernels.reference import rope_tables
 
 
 class RMSNorm(nn.Module):
@@ -103,13 +104,6 @@ class KVCache:
     slot_pos: torch.Tensor   # (S,): the position each slot holds (-1: empty)
     max_len: int
     position: int = 0        # tokens consumed so far
-
-
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin of shape (len(positions), head_dim // 2); pair i turns at theta^(-2i / head_dim)."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=dtype, device=positions.device) / head_dim)
-    angles = positions.to(dtype)[:, None] * inv_freq[None, :]
-    return angles.cos(), angles.sin()
 
 
 class LTMDecoder(nn.Module):

@@ -38,6 +38,13 @@ def extension_status() -> tuple[bool, str]:
     return _status
 
 
+def require_extension(caller: str) -> None:
+    """Raise RuntimeError, saying why, when `caller` (a public function of ltm_kernels) cannot run."""
+    available, reason = extension_status()
+    if not available:
+        raise RuntimeError(f"ltm_kernels.{caller} needs the compiled extension: {reason}")
+
+
 def on_load(fn: Callable[[], None]) -> Callable[[], None]:
     """Decorator: run `fn` once the extension has loaded (at once if it already has)."""
     if _status is None:

@@ -7,6 +7,7 @@ and `triton_status()` says why; the kernel files then define no kernels and thei
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -54,6 +55,18 @@ def check_triton_tensor(t: torch.Tensor, name: str, dtypes=(torch.float32, torch
                          "when TRITON_INTERPRET=1 was set before ltm_kernels was imported")
     if t.dtype not in dtypes:
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(index) -> int:
+    """Streaming multiprocessors of CUDA device `index` (grid sizing of the kernels that loop over rows)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def fp32_tables(*tables: torch.Tensor) -> list[torch.Tensor]:
+    """RoPE tables as the attention kernels read them: fp32, contiguous (the model passes fp64 ones for fp64
+    models, and any float dtype is accepted)."""
+    return [t.to(torch.float32).contiguous() for t in tables]
 
 
 def grad_wanted(ctx, index: int) -> bool:

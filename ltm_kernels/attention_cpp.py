@@ -41,7 +41,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._extension import extension_status, has_op, on_load
+from ._extension import has_op, on_load, require_extension
 
 
 def _lse_dtype(q: Tensor) -> torch.dtype:
@@ -97,12 +97,6 @@ def _register() -> None:
                                     setup_context=_latent_attention_setup_context)
 
 
-def _require_extension(name: str) -> None:
-    available, reason = extension_status()
-    if not available:
-        raise RuntimeError(f"ltm_kernels.{name} needs the compiled extension: {reason}")
-
-
 def self_attention_cpp(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, window: int) -> Tensor:
     """`reference.self_attention_ref` through the C++ CPU kernel: causal sliding-window attention (query i
     sees keys i - window < j <= i; window >= N is plain causal) with RoPE on q and k.
@@ -111,7 +105,7 @@ def self_attention_cpp(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor
     cos, sin (N, hd/2). CPU tensors. Differentiable in q, k, v. Raises RuntimeError if the extension is not
     built, and on bad input (naming the argument).
     """
-    _require_extension("self_attention_cpp")
+    require_extension("self_attention_cpp")
     return torch.ops.ltm.self_attention(q, k, v, cos, sin, window)[0]
 
 
@@ -124,5 +118,5 @@ def latent_attention_cpp(q: Tensor, k: Tensor, v: Tensor, cos_q: Tensor, sin_q: 
     the key positions (v is not rotated). CPU tensors. Differentiable in q, k, v. Raises RuntimeError if the
     extension is not built, and on bad input (naming the argument).
     """
-    _require_extension("latent_attention_cpp")
+    require_extension("latent_attention_cpp")
     return torch.ops.ltm.latent_attention(q, k, v, cos_q, sin_q, cos_k, sin_k)[0]

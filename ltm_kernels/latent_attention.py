@@ -49,13 +49,12 @@ graph break) and CUDA graphs capture them. Only q, k, v get gradients; the RoPE 
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 from torch import Tensor
 
-from ._triton import INTERPRET, TRITON_AVAILABLE, check_triton_tensor, tl, triton
+from ._triton import INTERPRET, TRITON_AVAILABLE, check_triton_tensor, fp32_tables, sm_count, tl, triton
 
 MAX_LATENTS = 64  # all keys of a (batch, head) are one on-chip tile
 HEAD_DIMS = (32, 64, 128)
@@ -214,11 +213,6 @@ if TRITON_AVAILABLE:
 
 
 # --------------------------------------------------------------------------------------------- launchers
-@functools.lru_cache(maxsize=None)
-def _sm_count(index) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _block_m(M: int) -> int:
     return max(16, triton.next_power_of_2(M))  # tl.dot needs every dimension >= 16
 
@@ -264,14 +258,10 @@ def _num_chunks(n_blocks: int, bh: int, sms: int, waves: int = 2) -> tuple[int, 
     return triton.cdiv(n_blocks, per_chunk), per_chunk
 
 
-def _tables(*tables: Tensor) -> list[Tensor]:
-    return [t.to(torch.float32).contiguous() for t in tables]
-
-
 def _latent_attention_fwd(q, k, v, cos_q, sin_q, cos_k, sin_k) -> tuple[Tensor, Tensor]:
     B, H, N, hd = q.shape
     M = k.shape[2]
-    cos_q, sin_q, cos_k, sin_k = _tables(cos_q, sin_q, cos_k, sin_k)
+    cos_q, sin_q, cos_k, sin_k = fp32_tables(cos_q, sin_q, cos_k, sin_k)
     out = torch.empty_like(q)  # q's layout when dense: a (B, N, H, hd) view in gives one out
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     cfg = _fwd_config(N, hd, q.dtype)
@@ -287,8 +277,8 @@ def _latent_attention_fwd(q, k, v, cos_q, sin_q, cos_k, sin_k) -> tuple[Tensor, 
 def _latent_attention_bwd(grad_out, q, k, v, cos_q, sin_q, cos_k, sin_k, out, lse):
     B, H, N, hd = q.shape
     M = k.shape[2]
-    cos_q, sin_q, cos_k, sin_k = _tables(cos_q, sin_q, cos_k, sin_k)
-    sms = _sm_count(q.device.index) if q.is_cuda else 2
+    cos_q, sin_q, cos_k, sin_k = fp32_tables(cos_q, sin_q, cos_k, sin_k)
+    sms = sm_count(q.device.index) if q.is_cuda else 2
     cfg = _bwd_config(N, M, hd, q.dtype)
     n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
     n_chunks, per_chunk = _num_chunks(n_blocks, B * H, sms)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._extension import extension_status, has_op, on_load
+from ._extension import has_op, on_load, require_extension
 
 
 def _posterior_step_fake(
@@ -60,9 +60,7 @@ def posterior_step(
     updated ones must be contiguous. `step`: int64, one element, on their device. `schedule`: index into
     `reference.SCHEDULES`. Raises RuntimeError if the extension is not available.
     """
-    available, reason = extension_status()
-    if not available:
-        raise RuntimeError(f"ltm_kernels.posterior_step needs the compiled extension: {reason}")
+    require_extension("posterior_step")
     torch.ops.ltm.posterior_step(
         mu, logvar, exp_avg_mu, exp_avg_sq_mu, exp_avg_logvar, exp_avg_sq_logvar, z, grad_z, noise, step,
         float(lr), int(total_steps), int(schedule), float(beta1), float(beta2), float(eps), float(weight_decay),

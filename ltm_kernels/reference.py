@@ -100,6 +100,13 @@ def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """RoPE tables cos, sin of shape (len(positions), head_dim // 2); pair i turns at theta^(-2i / head_dim)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=dtype, device=positions.device) / head_dim)
+    angles = positions.to(dtype)[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
 def apply_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x[..., 2i], x[..., 2i+1]) of x (..., L, hd) by the angles in cos/sin (L, hd/2)."""
     xf = x.to(torch.promote_types(x.dtype, cos.dtype)).unflatten(-1, (-1, 2))

@@ -18,13 +18,11 @@ The eager math is `reference.rms_norm_ref` / `reference.add_rms_norm_ref`.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._triton import TRITON_AVAILABLE, check_triton_tensor, grad_wanted, tl, triton
+from ._triton import TRITON_AVAILABLE, check_triton_tensor, grad_wanted, sm_count, tl, triton
 
 if TRITON_AVAILABLE:
 
@@ -72,11 +70,6 @@ if TRITON_AVAILABLE:
             tl.store(dw_ptr + pid * D + cols, dw, mask=mask)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _config(D: int) -> dict:
     block = triton.next_power_of_2(D)
     return dict(BLOCK_D=block, num_warps=min(max(block // 256, 1), 8))
@@ -97,7 +90,7 @@ def _rms_norm_bwd(h: Tensor, weight: Tensor, rstd: Tensor, dy: Tensor, dh_out: T
     M, D = h.shape
     dx = torch.empty_like(h)
     # A few programs per SM, each looping over its rows, so that dw needs only `programs` partial rows.
-    sms = _sm_count(h.device.index) if h.is_cuda else 2
+    sms = sm_count(h.device.index) if h.is_cuda else 2
     programs = min(M, 4 * sms)
     rows_per_program = triton.cdiv(M, programs)
     programs = triton.cdiv(M, rows_per_program)

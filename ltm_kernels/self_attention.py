@@ -46,7 +46,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from ._triton import INTERPRET, TRITON_AVAILABLE, check_triton_tensor, tl, triton
+from ._triton import INTERPRET, TRITON_AVAILABLE, check_triton_tensor, fp32_tables, tl, triton
 
 HEAD_DIMS = (32, 64, 128)  # tl.dot needs K = hd / 2 >= 16, and power-of-two tiles
 _LOG2E = math.log2(math.e)
@@ -352,15 +352,11 @@ def _strides(x: Tensor) -> tuple[int, ...]:
     return tuple(x.stride())
 
 
-def _tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    return cos.to(torch.float32).contiguous(), sin.to(torch.float32).contiguous()
-
-
 def _self_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, window: int):
     """Launch the forward: -> out (B, H, N, hd) in q's dtype and layout, lse (B, H, N) fp32 (natural log)."""
     B, H, N, hd = q.shape
     window = min(window, N)  # W >= N is plain causal
-    cos, sin = _tables(cos, sin)
+    cos, sin = fp32_tables(cos, sin)
     out = torch.empty_like(q)  # q's layout where q is dense: the model's head merge after it is then free
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
@@ -381,7 +377,7 @@ def _self_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, cos: Tens
     """Launch the backward (dQ + delta, then dK/dV): -> dq, dk, dv in q's dtype and layout."""
     B, H, N, hd = q.shape
     window = min(window, N)
-    cos, sin = _tables(cos, sin)
+    cos, sin = fp32_tables(cos, sin)
     dout = dout.to(q.dtype)
     # dq, dk, dv in q's layout where q is dense (the model's q, k, v are views of one (B, N, H, hd) layout, which
     # is what the projections' backward wants); out is read with the same strides.

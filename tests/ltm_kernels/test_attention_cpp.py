@@ -8,8 +8,7 @@ import sys
 import pytest
 import torch
 
-import ltm_kernels.attention_cpp as attention_cpp
-from ltm_kernels import extension_status
+from ltm_kernels import _extension, extension_status, reference
 from ltm_kernels.attention_cpp import latent_attention_cpp, self_attention_cpp
 from ltm_kernels.reference import latent_attention_ref, self_attention_ref
 
@@ -25,9 +24,9 @@ def needs_extension():
 
 
 def rope_tables(positions, hd, dtype=F64):
-    """cos, sin (len(positions), hd/2) at theta 10000, as the model makes them."""
-    angles = torch.as_tensor(positions, dtype=F64)[:, None] * 10000.0 ** (-torch.arange(0, hd, 2, dtype=F64) / hd)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    """cos, sin (len(positions), hd/2) at theta 10000, computed in float64, cast to dtype."""
+    cos, sin = reference.rope_tables(torch.as_tensor(positions), hd, 10000.0, F64)
+    return cos.to(dtype), sin.to(dtype)
 
 
 def heads(gen, B, H, L, hd, dtype=F64):
@@ -246,7 +245,7 @@ def test_backward_checks_its_extra_inputs(needs_extension, op):
 
 
 def test_without_extension_raises_with_the_reason(monkeypatch):
-    monkeypatch.setattr(attention_cpp, "extension_status", lambda: (False, "extension not built: test"))
+    monkeypatch.setattr(_extension, "extension_status", lambda: (False, "extension not built: test"))
     for fn, nargs in ((self_attention_cpp, 6), (latent_attention_cpp, 7)):
         with pytest.raises(RuntimeError, match="needs the compiled extension: extension not built: test"):
             fn(*[None] * nargs)

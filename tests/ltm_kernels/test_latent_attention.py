@@ -10,6 +10,7 @@ import pytest
 import torch
 from triton_helpers import assert_close, compile_for_sm90, gpu, interpreter, rel_err
 
+from ltm_kernels import reference
 from ltm_kernels.latent_attention import latent_attention
 from ltm_kernels.reference import latent_attention_ref
 
@@ -22,9 +23,7 @@ NAMES = ("out", "dq", "dk", "dv")
 
 def rope_tables(positions, hd, theta=10000.0):
     """(len, hd/2) cos and sin of the published RoPE at `positions`, float64."""
-    freqs = theta ** (-torch.arange(0, hd, 2, dtype=F64) / hd)
-    angles = torch.as_tensor(positions, dtype=F64)[:, None] * freqs
-    return angles.cos(), angles.sin()
+    return reference.rope_tables(torch.as_tensor(positions), hd, theta, F64)
 
 
 def make_inputs(B, H, N, M, hd, seed=0, start=0):

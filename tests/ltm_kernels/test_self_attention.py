@@ -8,6 +8,7 @@ import pytest
 import torch
 from triton_helpers import assert_close, compile_for_sm90, gpu, interpreter, rel_err
 
+from ltm_kernels import reference
 from ltm_kernels.reference import self_attention_ref, sliding_window_mask
 from ltm_kernels.self_attention import self_attention
 
@@ -15,9 +16,8 @@ F64 = torch.float64
 
 
 def rope_tables(n: int, hd: int, theta: float = 10000.0, dtype=torch.float32, device="cpu"):
-    freqs = theta ** (-torch.arange(0, hd, 2, dtype=F64) / hd)
-    angles = torch.arange(n, dtype=F64)[:, None] * freqs[None, :]  # (N, hd/2)
-    return angles.cos().to(device, dtype), angles.sin().to(device, dtype)
+    cos, sin = reference.rope_tables(torch.arange(n), hd, theta, F64)  # (N, hd/2), computed in float64
+    return cos.to(device, dtype), sin.to(device, dtype)
 
 
 def make_inputs(B, H, N, hd, seed=0, layout="bhnd"):
