@@ -48,6 +48,18 @@ TORCH_LIBRARY(ltm, m) {
   // weight_grad; each is an empty tensor when not asked for.
   m.def("lm_head_nll_backward(Tensor grad, Tensor hidden, Tensor weight, Tensor targets, Tensor lse, "
         "Tensor dh, bool hidden_grad, bool weight_grad) -> (Tensor grad_hidden, Tensor grad_weight)");
+  // RMSNorm over the last dimension d, optionally of a residual sum: h = x (+ residual), rstd = 1 / sqrt(mean(h^2)
+  // + eps) (float32, float64 for float64 x; one per row), y = (h rstd) weight with the normalised row rounded to x's dtype first (as
+  // reference.rms_norm_ref). Returns y, h (an empty tensor without a residual:
+  // h is x) and rstd. See ltm_kernels/elementwise_cpp.py.
+  m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor y, Tensor h, Tensor rstd)");
+  // Gradients of rms_norm: grad_x (= grad_residual) from grad_y and, when given, the gradient arriving at the h
+  // output (add_rms_norm returns h too); grad_weight when weight_grad, else an empty tensor.
+  m.def("rms_norm_backward(Tensor grad_y, Tensor? grad_h, Tensor h, Tensor weight, Tensor rstd, bool weight_grad) "
+        "-> (Tensor grad_x, Tensor grad_weight)");
+  // SwiGLU gate: out = silu(gate) * up, elementwise, gate and up of one shape and dtype.
+  m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
+  m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor grad_gate, Tensor grad_up)");
 }
 
 // `import ltm_kernels._C` is what runs the static registrations above; the module itself stays empty.

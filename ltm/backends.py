@@ -3,8 +3,8 @@
 Backends (DESIGN section 4):
 - ``eager``  plain PyTorch (`ltm_kernels.reference`): the readable reference and the fallback everywhere.
 - ``cpp``    the compiled extension `ltm_kernels._C` for the ops it implements on the model's device
-             (CPU: posterior step, blocked sliding-window self-attention, latent cross-attention, the LM head
-             with its cross-entropy; CUDA:
+             (CPU: every op: posterior step, blocked sliding-window self-attention, latent cross-attention,
+             the LM head with its cross-entropy, RMSNorm, residual add + RMSNorm, SwiGLU; CUDA:
              posterior step where built with nvcc); the remaining ops run eagerly, as `Ops.impl` records.
              Asking for it without a built extension, or on a device it has no kernel for, is an error.
 - ``triton`` fused Triton kernels (`rms_norm`, `add_rms_norm`, `swiglu`, `self_attention`, `latent_attention`,
@@ -65,7 +65,10 @@ _EAGER = dict(
 _CPP = dict(posterior_step=ltm_kernels.posterior_step,
             self_attention=ltm_kernels.self_attention_cpp,
             latent_attention=ltm_kernels.latent_attention_cpp,
-            lm_head_nll=ltm_kernels.lm_head_nll_cpp)
+            lm_head_nll=ltm_kernels.lm_head_nll_cpp,
+            rms_norm=ltm_kernels.rms_norm_cpp,
+            add_rms_norm=ltm_kernels.add_rms_norm_cpp,
+            swiglu=ltm_kernels.swiglu_cpp)
 
 # Ops with a Triton kernel; the first argument's dtype decides whether `auto` may use it.
 _TRITON = dict(
