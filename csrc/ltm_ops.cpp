@@ -33,9 +33,11 @@ TORCH_LIBRARY(ltm, m) {
   // k, v (B, H, M, hd). Returns out (B, H, N, hd) and lse (B, H, N) as self_attention does.
   m.def("latent_attention(Tensor q, Tensor k, Tensor v, Tensor cos_q, Tensor sin_q, Tensor cos_k, "
         "Tensor sin_k) -> (Tensor out, Tensor lse)");
-  // Gradients of latent_attention's out with respect to q, k, v, from the forward's out and lse.
+  // Gradients of latent_attention's out with respect to q, k, v, from the forward's out and lse; with q_grad
+  // false dq is not computed and is returned empty (the inner loop's layer-0 query is a constant).
   m.def("latent_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor cos_q, Tensor sin_q, "
-        "Tensor cos_k, Tensor sin_k, Tensor out, Tensor lse) -> (Tensor dq, Tensor dk, Tensor dv)");
+        "Tensor cos_k, Tensor sin_k, Tensor out, Tensor lse, bool q_grad=True) -> (Tensor dq, Tensor dk, "
+        "Tensor dv)");
   // The LM head with its cross-entropy, without (rows x V) logits: hidden (B, N, d), weight (V, d), targets
   // (B, N) int64 in [0, V) or -1 (ignored). Returns nll (B,), each sequence's summed -log softmax(l)[target] of
   // logits l = hidden weight^T; lse (B * N,), each row's logsumexp (for the backward); and when compute_grad,

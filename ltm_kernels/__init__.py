@@ -14,6 +14,7 @@ from .attention_cpp import latent_attention_cpp, self_attention_cpp
 from .latent_attention import MAX_LATENTS, latent_attention
 from .elementwise_cpp import add_rms_norm_cpp, rms_norm_cpp, swiglu_cpp
 from .lm_head_nll_cpp import lm_head_nll_cpp
+from .linear_onednn import linear_onednn, linear_onednn_status
 from .linear_cross_entropy import chunked_linear_cross_entropy, linear_cross_entropy
 from .posterior_step import posterior_step
 from .posterior_step_triton import posterior_step_triton
@@ -23,7 +24,7 @@ from .self_attention import self_attention
 from .swiglu import swiglu
 
 __all__ = ["add_rms_norm", "add_rms_norm_cpp", "chunked_linear_cross_entropy", "extension_status", "has_op", "kl_ref",
-           "latent_attention", "latent_attention_cpp", "linear_cross_entropy", "lm_head_nll_cpp", "MAX_LATENTS", "posterior_step",
+           "latent_attention", "latent_attention_cpp", "linear_cross_entropy", "linear_onednn", "linear_onednn_status", "lm_head_nll_cpp", "MAX_LATENTS", "posterior_step",
            "posterior_step_ref", "posterior_step_triton", "rms_norm", "rms_norm_cpp", "scheduled_lr", "SCHEDULES",
            "self_attention", "self_attention_cpp", "swiglu", "swiglu_cpp",
            "triton_device_ok", "triton_status"]
