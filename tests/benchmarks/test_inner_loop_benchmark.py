@@ -18,18 +18,23 @@ def bench():
     return module
 
 
-TINY = ["--preset", "ltm-tiny", "--batch", "2", "--seq", "24", "--steps", "3", "--device", "cpu", "--dtype", "fp32"]
+TINY = ["--preset", "ltm-tiny", "--batch", "2", "--seq", "24", "--steps", "3", "--device", "cpu", "--dtype", "fp32",
+        "--no-memory"]
 
 
 def test_writes_the_result_file(bench, tmp_path):
     out = tmp_path / "result.json"
-    result = bench.main(TINY + ["--variants", "reference,eager,fused,fused+graph", "--out", str(out)])
+    argv = [a for a in TINY if a != "--no-memory"]  # this test also runs the peak-memory pass
+    result = bench.main(argv + ["--variants", "reference,eager,fused,fused+graph", "--out", str(out)])
     on_disk = json.loads(out.read_text())
     assert on_disk == json.loads(json.dumps(result))
     assert on_disk["benchmark"] == "inner_loop"
     assert {"commit", "date", "device", "backends", "peak_tflops", "runs"} <= set(on_disk)
     assert on_disk["device"]["torch"] and on_disk["device"]["name"]
+    device = on_disk["device"]
+    assert {"isa_flags", "bf16_dot", "threads", "blas", "onednn", "aten_cpu_capability"} <= set(device)
     assert on_disk["peak_tflops"]["measured_matmul"] > 0
+    assert on_disk["matmul_tflops"]["best"] == max(v for k, v in on_disk["matmul_tflops"].items() if k != "best")
     (run,) = on_disk["runs"]
     assert run["config"]["steps"] == 3 and run["config"]["batch"] == 2 and run["config"]["seq"] == 24
     assert run["config"]["model_flops_per_loop"] > 0
@@ -40,6 +45,8 @@ def test_writes_the_result_file(bench, tmp_path):
         assert row["status"] == "ok", row
         assert len(row["times_s"]) == 1 and row["ms_per_loop"] > 0 and row["tokens_per_s"] > 0
         assert 0 < row["mfu_vs_measured_matmul"]
+        # Each variant's own process: a high-water mark above torch's import, and the run's page faults.
+        assert row["peak_memory_bytes"] > 10 ** 8 and row["minor_faults_per_loop"] >= 0
     assert rows["reference"]["speedup_vs_reference"] == pytest.approx(1.0)
     assert rows["fused+graph"]["status"] == "unavailable" and "CUDA" in rows["fused+graph"]["reason"]
 
@@ -48,9 +55,9 @@ def test_cpu_timed_runs_are_interleaved_across_variants(bench, tmp_path, monkeyp
     order = []
     time_runs = bench.time_runs
 
-    def logged(run, device, repeats):
+    def logged(run, device, repeats, faults=None):
         order.append(run)
-        return time_runs(run, device, repeats)
+        return time_runs(run, device, repeats, faults)
     monkeypatch.setattr(bench, "time_runs", logged)
     result = bench.main(TINY + ["--variants", "eager,fused", "--repeats", "3", "--out", str(tmp_path / "r.json")])
     rows = result["runs"][0]["variants"]
