@@ -7,7 +7,8 @@
 #
 # Steps, in priority order, each under `timeout` with its budget printed (a step that fails or times out does
 # not stop the next; a step is skipped when the 9-minute deadline leaves it under 10 s):
-#   build        pip install --no-build-isolation --no-deps -e .  (the CUDA kernels, for the visible GPU)
+#   build        pip install --no-build-isolation --no-deps -e .  (the CUDA kernels, for the visible GPU; the
+#                dry run adds pip's --dry-run: no compile)
 #   extension    the extension loads and has its CUDA kernel
 #   pytest-gpu   pytest -m gpu (the dry run only collects them)
 #   inner-loop   the headline benchmark: ltm-l, batch 64 x 1024 tokens, bf16, T_fast 16 (the preset's 64 would
@@ -87,17 +88,19 @@ if [ "$DRY_RUN" -eq 1 ]; then
         --self-variants sdpa-dense-mask,cpp --cross-variants sdpa,cpp)
   LMHEAD=(--tokens 64 --batch 2 --d 32 --vocab 128 --repeats 1 --warmup 0)
   PYTEST=(-m gpu --collect-only -q)
+  BUILD=(--dry-run)  # resolves and prepares the package, compiles nothing (CI built it; a rebuild takes minutes)
 else
-  nvidia-smi > "$RAW/nvidia-smi.txt" 2>&1 || true
+  { nvidia-smi -L; nvidia-smi; } > "$RAW/nvidia-smi.txt" 2>&1 || true
   DEV=(--device cuda)
   INNER=(--preset ltm-l --batch 64 --seq 1024 --dtype bf16 --steps 16 --variants reference,eager,fused,fused+graph
          --repeats 3 --check-steps 2)
   ATTN=(--repeats 10 --self-variants sdpa-dense-mask,sdpa-causal,triton --cross-variants sdpa,triton)
   LMHEAD=(--repeats 10)
   PYTEST=(-m gpu -q -ra -p no:cacheprovider)
+  BUILD=()
 fi
 
-step build 150 "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
+step build 150 "$PYTHON" -m pip install --no-build-isolation --no-deps -e . "${BUILD[@]}"
 step extension 30 "$PYTHON" -c "import ltm, ltm_kernels, torch
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())
 print(ltm.backend_status())
