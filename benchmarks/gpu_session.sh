@@ -96,7 +96,7 @@ else
          --repeats 3 --check-steps 2)
   ATTN=(--repeats 10 --self-variants sdpa-dense-mask,sdpa-causal,triton --cross-variants sdpa,triton)
   LMHEAD=(--repeats 10)
-  PYTEST=(-m gpu -q -ra -p no:cacheprovider)
+  PYTEST=(-m gpu -v -ra -p no:cacheprovider)  # -v: a timed-out run still shows which tests ran
   BUILD=()
 fi
 
