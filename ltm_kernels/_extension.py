@@ -88,7 +88,7 @@ def _build_at_first_use(not_built: str) -> tuple[bool, str]:
     except Exception as e:  # no compiler, no ninja, a compile error: report it, the other backends still run
         detail = f"{type(e).__name__}: {e}"
         return False, f"{not_built}; compiling it at first use failed: {detail[-2000:]} ({ahead_of_time})"
-    return True, f"extension compiled at first use against torch {torch.__version__} (cached in {build_dir})"
+    return True, f"extension built at first use against torch {torch.__version__} (cached in {build_dir})"
 
 
 @contextlib.contextmanager
