@@ -1,66 +1,61 @@
-"""Builds ltm-kernels and its compiled extension `ltm_kernels._C`.
+"""Builds ltm-kernels and, when torch is importable here, its compiled extension `ltm_kernels._C`.
 
-Install with `pip install --no-build-isolation -e .`: the extension must be compiled against the torch
-that is already installed (build isolation would fetch another torch and mis-link).
+- `pip install --no-build-isolation -e .`: the build sees the installed torch and compiles the extension
+  now, against it.
+- Plain `pip install -e .`: pip builds in an isolated environment, which has no torch (pyproject.toml does not
+  ask for it: pip would fetch another torch, often a multi-GB CUDA build, and the extension would be linked
+  against it instead of the installed one). No extension is compiled then; `ltm_kernels` compiles it at
+  first use against the torch that is installed (ltm_kernels/_extension.py), once, cached.
 
-CPU kernels (csrc/*.cpp) are always built. CUDA kernels (csrc/cuda/*.cu) are built when torch has CUDA
-and nvcc is present, decided from the toolchain and not from torch.cuda.is_available(): a build host
-without a GPU must still ship the CUDA kernels.
+Sources, flags and the CUDA rule live in ltm_kernels/_build.py, shared with that first-use build: CPU kernels
+(csrc/*.cpp) always, CUDA kernels (csrc/cuda/*.cu) when torch has CUDA and nvcc is present, for the GPUs
+visible or, with none visible, for `_build.DEFAULT_CUDA_ARCH_LIST`.
 """
 
-import glob
+import importlib.util
 import os
 import sys
 
-import torch
 from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def _sources(pattern: str) -> list[str]:
-    # Relative to the project root: setuptools rejects absolute source paths in some versions.
-    return sorted(glob.glob(pattern, root_dir=ROOT))
+def _load_build_config():
+    # By path: importing the package `ltm_kernels` here would import torch and everything else.
+    spec = importlib.util.spec_from_file_location("_ltm_build", os.path.join(ROOT, "ltm_kernels", "_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _has_nvcc() -> bool:
-    # torch finds CUDA_HOME from $CUDA_HOME / $CUDA_PATH, then `which nvcc`, then /usr/local/cuda, and
-    # compiles .cu files with CUDA_HOME/bin/nvcc: that is the nvcc that must exist.
-    return CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+def _extensions():
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print("ltm-kernels: torch is not importable in this build environment (pip's build isolation), so the "
+              "C++ extension is not compiled now; ltm_kernels compiles it against the installed torch at first "
+              "use (or install with `pip install --no-build-isolation -e .` to compile it now)", file=sys.stderr)
+        return [], {}
+
+    build = _load_build_config()
+    cpp_sources, cuda_sources = build.sources(ROOT)
+    cxx, link = build.cxx_flags(), build.link_flags()
+    if not build.with_cuda(torch.version.cuda, CUDA_HOME, cuda_sources):
+        ext = CppExtension("ltm_kernels._C", cpp_sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
+        return [ext], {"build_ext": BuildExtension}
+
+    arch_list = build.cuda_arch_list(dict(os.environ), torch.cuda.device_count())
+    if arch_list is not None:
+        # torch reads the variable when it compiles, later in this process.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+        print(f"ltm-kernels: no GPU visible and TORCH_CUDA_ARCH_LIST unset: building the CUDA kernels for "
+              f"TORCH_CUDA_ARCH_LIST={arch_list!r}", file=sys.stderr)
+    ext = CUDAExtension("ltm_kernels._C", cpp_sources + cuda_sources,
+                        extra_compile_args={"cxx": cxx, "nvcc": build.NVCC_FLAGS}, extra_link_args=link)
+    return [ext], {"build_ext": BuildExtension}
 
 
-def _extension():
-    cpp_sources = _sources("csrc/*.cpp")
-    cuda_sources = _sources("csrc/cuda/*.cu")
-    with_cuda = bool(cuda_sources) and torch.version.cuda is not None and _has_nvcc()
-
-    # No -std here: torch's BuildExtension adds the standard its own headers need (c++20 in recent torch,
-    # whose headers already use C++20 features), and nvcc rejects a second -std. The sources are C++17.
-    # -fno-math-errno: lets sqrt compile to one instruction instead of a libm call (errno is never read).
-    # -fno-trapping-math: FP exception flags are never read either; without it GCC will not if-convert
-    # branches holding float arithmetic, which keeps loops with a clamp or select from vectorising
-    # (csrc/posterior_step.cpp). Neither flag changes any computed value.
-    # -ffp-contract=off: no fused multiply-add in functions compiled for AVX-512 / FMA targets (the x86-64
-    # baseline has none), so that their results are bit-identical to the baseline copy's.
-    cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
-    link_flags = []
-    if sys.platform.startswith("linux"):
-        # at::parallel_for is an inline OpenMP loop: without -fopenmp it compiles to a serial loop. libgomp
-        # resolves to the copy torch already loaded, so there is one OpenMP runtime in the process.
-        cxx_flags.append("-fopenmp")
-        link_flags.append("-fopenmp")
-
-    if with_cuda:
-        return CUDAExtension(
-            "ltm_kernels._C",
-            cpp_sources + cuda_sources,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
-            extra_link_args=link_flags,
-        )
-    return CppExtension(
-        "ltm_kernels._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
-    )
-
-
-setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildExtension})
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

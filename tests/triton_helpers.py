@@ -8,9 +8,48 @@ HAS_TRITON = _triton.TRITON_AVAILABLE
 HAS_CUDA = torch.cuda.is_available()
 
 
+def _interpreter_loop_failure() -> str:
+    """Why Triton's interpreter cannot run a kernel with a loop in this environment, or "" when it can.
+
+    Some triton / numpy pairs cannot: triton 3.6's interpreter passes 1-element arrays where numpy >= 2.3
+    wants Python scalars, and every loop fails with "only 0-dimensional arrays can be converted to Python
+    scalars". Probed with a one-loop kernel rather than by version numbers, so a fixed or newly broken pair is
+    judged by what it does; only that known failure is turned into a skip, any other error fails the tests.
+    """
+    if not (HAS_TRITON and _triton.INTERPRET):
+        return ""
+    import numpy
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _sum_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for start in range(0, n, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            acc += tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+        tl.store(out_ptr, tl.sum(acc, axis=0))
+
+    x, out = torch.ones(10), torch.zeros(1)
+    try:
+        _sum_kernel[(1,)](x, out, x.numel(), BLOCK=4)
+    except Exception as e:  # the interpreter wraps the TypeError: InterpreterError("TypeError('only ...')")
+        if "only 0-dimensional arrays can be converted to Python scalars" not in str(e):
+            raise
+        return (f"triton {triton.__version__}'s interpreter cannot run loops with numpy {numpy.__version__} "
+                f"({e}): an incompatibility of that pair, not of our kernels; use numpy < 2.3 with triton 3.6")
+    assert out.item() == 10.0, f"the interpreter probe summed 10 ones to {out.item()}"
+    return ""
+
+
+INTERPRETER_BROKEN = _interpreter_loop_failure()
+
+
 def _skip_reason(need_cuda: bool) -> str:
     if not HAS_TRITON:
         return "triton is not installed: Triton kernel tests not run"
+    if not need_cuda and INTERPRETER_BROKEN:
+        return INTERPRETER_BROKEN
     if need_cuda and not HAS_CUDA:
         return "no CUDA device: GPU tests not run"
     if need_cuda and _triton.INTERPRET:
