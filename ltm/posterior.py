@@ -37,6 +37,13 @@ ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 MU_INIT_STD = 0.01
 LOGVAR_INIT_MEAN, LOGVAR_INIT_STD = -5.0, 0.1
+# Initial values beyond these overflow the decoder or the KL in fp32 (|z| ~ exp(logvar / 2) feeds squared
+# norms; exp(logvar) > 3.4e38 past 88): the range the non-finite error suggests.
+LOGVAR_RANGE, MU_RANGE = (-30.0, 30.0), 1e4
+
+
+class NonFiniteError(RuntimeError):
+    """The inner loop or the ELBO became nan/inf; the message names the terms and what to change."""
 
 
 @dataclass
@@ -92,6 +99,47 @@ def check_loop_settings(steps, lr, schedule, weight_decay) -> None:
         raise ValueError(f"weight_decay must be a finite non-negative number, got {weight_decay!r}")
 
 
+def raise_if_non_finite(what: str, post: Posterior, mu0, logvar0, steps: int = 0, lr: float = 0.0,
+                        schedule: str = "cosine") -> None:
+    """NonFiniteError if any term of `post` is nan/inf, naming them and suggesting a smaller lr or initial
+    (mu0, logvar0) in range. One host read, after the loop: nothing inside a loop or a CUDA graph waits."""
+    terms = {"nll (the CE term)": post.nll, "kl": post.kl, "mu": post.mu, "logvar": post.logvar, "z": post.z}
+    bad = torch.stack([~torch.isfinite(t).all() for t in terms.values()]).tolist()
+    if not any(bad):
+        return
+    names = ", ".join(name for name, b in zip(terms, bad) if b)
+    hints = []
+    lv_lo, lv_hi = float(logvar0.min()), float(logvar0.max())
+    if not (LOGVAR_RANGE[0] <= lv_lo and lv_hi <= LOGVAR_RANGE[1]):
+        hints.append(f"logvar in [{LOGVAR_RANGE[0]:g}, {LOGVAR_RANGE[1]:g}] (given: [{lv_lo:.3g}, {lv_hi:.3g}])")
+    mu_max = float(mu0.abs().max())
+    if not mu_max <= MU_RANGE:
+        hints.append(f"|mu| <= {MU_RANGE:g} (given: up to {mu_max:.3g})")
+    if steps > 0 and lr > 0:
+        hints.append(f"a smaller lr (given: lr={lr:g}, schedule={schedule!r}, steps={steps}; published: "
+                     f"lr=0.34, 'cosine')")
+    loop = f"the inner loop diverged: after {steps} steps " if what == "infer_posterior" else ""
+    raise NonFiniteError(f"{what}: {loop}{names} became non-finite (nan/inf); use "
+                         f"{' or '.join(hints) or 'finite inputs of moderate size'}. The prior is N(0, I); the "
+                         f"published initialisation is mu ~ N(0, {MU_INIT_STD}^2), logvar = {LOGVAR_INIT_MEAN:g} "
+                         f"+ {LOGVAR_INIT_STD} N(0, 1). (check_finite=False returns the values as they are.)")
+
+
+def elbo_terms(model, tokens, targets, mu, logvar, noise, check_finite: bool = True):
+    """LTMDecoder.elbo_terms: (nll, kl), each (B,), at z = mu + noise * exp(logvar / 2)."""
+    for x, name in ((mu, "mu"), (logvar, "logvar"), (noise, "noise")):
+        if x is None:
+            raise ValueError(f"elbo_terms: {name} is required, a tensor of shape (B, n_z, d) (e.g. the "
+                             f"Posterior.{name} of infer_posterior), got None")
+    tokens, targets, mu, logvar, noise = check_inputs(model, tokens, targets, mu, logvar, noise)
+    z = mu + noise * torch.exp(0.5 * logvar)
+    nll, kl = model.sequence_nll(tokens, targets, z), kl_divergence(mu, logvar)
+    if check_finite:
+        raise_if_non_finite("elbo_terms", Posterior(mu=mu, logvar=logvar, z=z, noise=noise, nll=nll, kl=kl),
+                            mu, logvar)
+    return nll, kl
+
+
 def draw_latents(model, batch: int, mu, logvar, noise, generator: Optional[torch.Generator]):
     """(mu, logvar, noise) for one loop: the given tensors as they are, the others drawn as documented, in
     this order from `generator`: mu ~ N(0, 0.01^2), logvar = -5 + 0.1 N(0, 1), noise ~ N(0, I)."""
@@ -130,9 +178,18 @@ def eager_inner_loop(model, tokens, targets, steps: int, lr: float, schedule: st
 
 def infer_posterior(model, tokens, targets, steps: Optional[int] = None, lr: float = 0.34,
                     schedule: str = "cosine", weight_decay: float = 0.01, mu=None, logvar=None, noise=None,
-                    generator: Optional[torch.Generator] = None) -> Posterior:
+                    generator: Optional[torch.Generator] = None, check_finite: bool = True) -> Posterior:
     """LTMDecoder.infer_posterior: the eager loop for backend="eager", else the engine (ltm.engine), cached
-    per model and loop shape (on CUDA its graph is captured on the first call of a shape and replayed after)."""
+    per model and loop shape (on CUDA its graph is captured on the first call of a shape and replayed after).
+    `check_finite`: raise NonFiniteError when the result holds nan/inf (checked once, after the loop)."""
+    if torch.is_inference_mode_enabled():
+        # The loop differentiates the decoder with respect to z, which inference tensors forbid: run it with
+        # inference mode off, on ordinary copies of the inputs; the results are ordinary tensors.
+        with torch.inference_mode(False):
+            tokens, targets, mu, logvar, noise = (x.clone() if isinstance(x, torch.Tensor) else x
+                                                  for x in (tokens, targets, mu, logvar, noise))
+            return infer_posterior(model, tokens, targets, steps, lr, schedule, weight_decay, mu, logvar, noise,
+                                   generator, check_finite)
     steps = model.cfg.t_fast if steps is None else steps
     check_loop_settings(steps, lr, schedule, weight_decay)
     tokens, targets, mu, logvar, noise = check_inputs(model, tokens, targets, mu, logvar, noise)
@@ -140,8 +197,13 @@ def infer_posterior(model, tokens, targets, steps: Optional[int] = None, lr: flo
         from ltm.engine import cached_inner_loop
 
         loop = cached_inner_loop(model, tokens.shape[0], tokens.shape[1], steps, lr, schedule, weight_decay)
-        return loop.run(tokens, targets, mu, logvar, noise, generator=generator, checked=True)
-    mu, logvar, noise = draw_latents(model, tokens.shape[0], mu, logvar, noise, generator)
-    # Clones: the loop updates in place and must never write into the caller's tensors.
-    return eager_inner_loop(model, tokens, targets, steps, lr, schedule, weight_decay,
-                            mu.detach().clone(), logvar.detach().clone(), noise.detach().clone())
+        post = loop.run(tokens, targets, mu, logvar, noise, generator=generator, checked=True)
+        mu, logvar = loop.mu0, loop.logvar0
+    else:
+        mu, logvar, noise = draw_latents(model, tokens.shape[0], mu, logvar, noise, generator)
+        # Clones: the loop updates in place and must never write into the caller's tensors.
+        post = eager_inner_loop(model, tokens, targets, steps, lr, schedule, weight_decay,
+                                mu.detach().clone(), logvar.detach().clone(), noise.detach().clone())
+    if check_finite:
+        raise_if_non_finite("infer_posterior", post, mu, logvar, steps, lr, schedule)
+    return post

@@ -74,7 +74,7 @@ def test_truncated_checkpoint_gives_clear_error_and_is_not_overwritten(data, tmp
     with pytest.raises(ValueError, match="truncated"):
         train(config(data, tmp_path / "run", max_steps=4))
     assert result.checkpoint.read_bytes() == raw[: len(raw) // 2]  # left for the user to inspect
-    assert [p.name for p in result.checkpoint.parent.iterdir() if p.name.startswith(".")] == []  # no temp files
+    assert list(result.checkpoint.parent.glob(".ckpt.pt.*")) == []  # no temp files
 
 
 def test_non_finite_posterior_stops_with_a_checkpoint(data, tmp_path, monkeypatch):
