@@ -195,6 +195,9 @@ def main(argv=None) -> int:
     except (ValueError, OSError, RuntimeError) as err:  # user errors: the message, not a traceback
         print(f"ltm {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # outside the training loop, which checkpoints and returns instead
+        print(f"ltm {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 def _run(args) -> int:
