@@ -1,11 +1,13 @@
-"""`ltm prepare | train | eval | generate | fewshot`: the LTM workflow from the command line.
+"""`ltm prepare | train | eval | generate | fewshot | presets`: the LTM workflow from the command line
+(`python -m ltm` is the same command).
 
     ltm prepare corpus/ -o data/train                      # text / folders / JSONL -> token file + metadata
     ltm train --data data/train --out-dir runs/tiny --max-steps 2000 --warmup-steps 100
-    torchrun --nproc_per_node 2 -m ltm.cli train ...       # data parallel (gloo on CPU, NCCL on GPU)
+    torchrun --nproc_per_node 2 -m ltm train ...           # data parallel (gloo on CPU, NCCL on GPU)
     ltm eval runs/tiny/ckpt.pt --data data/val --steps 0 4 16 64 --iw-samples 8 --out eval.json --plot curve.png
     ltm generate runs/tiny/ckpt.pt --prompt "Once upon" --max-new-tokens 100 --top-p 0.9
     ltm fewshot runs/tiny/ckpt.pt --data qa.jsonl --shots 3
+    ltm presets                                            # presets, exact parameter counts, backends here
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from ltm.config import PRESETS
 from ltm.files import atomic_write_text
-from ltm.posterior import SCHEDULES
+from ltm.latents import INNER_LOOP, SCHEDULES
 from ltm.validation import COUNT, NON_NEGATIVE, SEED, STEPS, Range, check_output, resolve_device
 
 _TRAIN_HELP = {
@@ -38,7 +40,7 @@ _TRAIN_HELP = {
     "weight_decay": "AdamW weight decay of matrices and embeddings (norm weights: 0)",
     "grad_clip": "global gradient-norm clip (0: off)",
     "inner_steps": "inner-loop steps T per batch (default: the preset's t_fast)",
-    "inner_lr": "inner-loop learning rate (published: 0.34)",
+    "inner_lr": "inner-loop learning rate (published)",
     "inner_schedule": f"inner-loop lr schedule: {', '.join(SCHEDULES)}",
     "latents": "posterior: the LTM; zero: baseline plain causal LM with the same architecture (z = 0)",
     "sampling": "random: windows at random offsets; blocks: consecutive windows, shuffled per epoch",
@@ -96,7 +98,7 @@ def load_model(path, backend: str = "auto", device: str = "cpu"):
     """A model from a training checkpoint (ckpt.pt), a save_pretrained folder, or a published checkpoint."""
     from ltm.interop import read_checkpoint
     from ltm.model import LTMDecoder
-    from ltm.train import CHECKPOINT_FORMAT, load_checkpoint, model_from_checkpoint
+    from ltm.train import CHECKPOINT_FORMAT, check_training_checkpoint, model_from_checkpoint
 
     from ltm.tokenizer import check_vocab
 
@@ -107,7 +109,7 @@ def load_model(path, backend: str = "auto", device: str = "cpu"):
     else:
         obj = read_checkpoint(path)
         if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
-            model = model_from_checkpoint(load_checkpoint(path), backend=backend)
+            model = model_from_checkpoint(check_training_checkpoint(obj, path), backend=backend)
         else:
             model = LTMDecoder.from_published_checkpoint(obj, backend=backend)
     check_vocab(model.cfg, f"checkpoint {path}")
@@ -122,17 +124,20 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_inner_args(p: argparse.ArgumentParser, what: str) -> None:
-    _number(p, "--inner-lr", NON_NEGATIVE, 0.34, f"inner-loop learning rate for {what} (default: 0.34, published; "
+    _number(p, "--inner-lr", NON_NEGATIVE, INNER_LOOP.lr, f"inner-loop learning rate for {what} (default: "
+            f"{INNER_LOOP.lr}, published; "
             "with logvar starting at -5 a short cosine loop leaves a large KL, raise it or use --inner-schedule "
             "constant/linear)")
-    p.add_argument("--inner-schedule", choices=SCHEDULES, default="cosine", help="inner-loop lr schedule")
+    p.add_argument("--inner-schedule", choices=SCHEDULES, default=INNER_LOOP.schedule,
+                   help=f"inner-loop lr schedule (default: {INNER_LOOP.schedule})")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ltm", description="Latent Thought Models: prepare data, train, evaluate, "
                                      "generate, few-shot prompting.", formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{prepare,train,eval,generate,fewshot}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{prepare,train,eval,generate,fewshot,presets}")
 
     p = sub.add_parser("prepare", help="tokenize text files / folders / JSONL into a token file + metadata")
     p.add_argument("inputs", nargs="+", help="text files (one document each), folders (their .txt/.md/.jsonl files), "
@@ -185,7 +190,26 @@ def build_parser() -> argparse.ArgumentParser:
     _number(p, "--max-answer-tokens", COUNT, 16, "tokens decoded per answer at most")
     _number(p, "--limit", COUNT, None, "score only the first N questions (default: all)")
     p.add_argument("--out", default=None, help="write per-question records and the accuracy as JSON here")
+
+    sub.add_parser("presets", help="the model presets with their exact parameter counts, and which backends run here")
     return parser
+
+
+def print_presets() -> None:
+    import torch
+
+    from ltm import PRESETS, LTMConfig, LTMDecoder, backend_status
+
+    print(f"{'preset':<10} {'layers':>6} {'d':>5} {'n_z':>4} {'T_fast':>6} {'vocab':>6} {'params':>12}")
+    for name in PRESETS:
+        cfg = LTMConfig.from_name(name)
+        with torch.device("meta"):  # counts only: no memory, no init
+            n_params = LTMDecoder(cfg, backend="eager").n_params
+        print(f"{name:<10} {cfg.n_layer:>6} {cfg.d_model:>5} {cfg.n_z:>4} {cfg.t_fast:>6} {cfg.vocab_size:>6} "
+              f"{n_params:>12,} ({n_params / 1e6:.2f}M)")
+    print()
+    for backend, (ok, reason) in backend_status().items():
+        print(f"backend {backend:<7} {'available' if ok else 'unavailable'}: {reason}")
 
 
 def main(argv=None) -> int:
@@ -201,7 +225,9 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
-    if args.command == "prepare":
+    if args.command == "presets":
+        print_presets()
+    elif args.command == "prepare":
         from ltm.data import prepare
 
         meta = prepare(args.inputs, args.output, encoding=args.encoding, jsonl_key=args.jsonl_key)
@@ -268,7 +294,3 @@ def _run(args) -> int:
             atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
             print(f"wrote {args.out}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

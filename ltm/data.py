@@ -12,7 +12,7 @@ JSONL files (one document per line: an object with a text field, or a bare JSON 
 Batches are a pure function of (seed, step): resuming at step s needs only s, and a run on W processes
 sees exactly the batches one process sees with a W times larger batch (each rank takes its slice).
 
-    python -m ltm.data prepare corpus/ notes.jsonl -o data/train --encoding bytes
+    ltm prepare corpus/ notes.jsonl -o data/train --encoding bytes
 """
 from __future__ import annotations
 
@@ -260,9 +260,3 @@ def encode_texts(paths, encoding: str, jsonl_key: str = "text") -> np.ndarray:
     if not ids:
         raise DataError(f"inputs {[str(p) for p in paths]} contain no non-empty documents")
     return np.asarray(ids, dtype=token_dtype(tok.vocab_size))
-
-
-if __name__ == "__main__":
-    from ltm.cli import main
-
-    sys.exit(main(sys.argv[1:] if sys.argv[1:2] == ["prepare"] else ["prepare", *sys.argv[1:]]))

@@ -19,27 +19,17 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 
 from ltm.data import eval_blocks
 from ltm.files import atomic_write_text
-from ltm.posterior import LOGVAR_INIT_MEAN, LOGVAR_INIT_STD, MU_INIT_STD
+from ltm.latents import INNER_LOOP, seeded_latents
 from ltm.validation import COUNT, NON_NEGATIVE, SEED, STEPS, Range
 
 
 def _exp(x: float) -> float:
     """exp, inf past float64's range: a bound of e^800 (a short window, a large KL) is a valid inf bound."""
     return math.exp(x) if x < 709.0 else math.inf
-
-
-def _init(cfg, seed: int, block_ids, device):
-    draws = []
-    for i in block_ids:
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, int(i), 3]).generate_state(1)[0]))
-        draws.append(torch.randn((4, cfg.n_z, cfg.d_model), generator=g))
-    d = torch.stack(draws).to(device)
-    return d[:, 0] * MU_INIT_STD, LOGVAR_INIT_MEAN + LOGVAR_INIT_STD * d[:, 1], d[:, 2]
 
 
 def _iw_nelbo(model, tokens, targets, mu, logvar, samples: int, generator) -> torch.Tensor:
@@ -56,7 +46,7 @@ def _iw_nelbo(model, tokens, targets, mu, logvar, samples: int, generator) -> to
 
 
 def elbo_eval(model, data, steps: Sequence[int] = (0, 16), seq_len: Optional[int] = None, batch_size: int = 8,
-              lr: float = 0.34, schedule: str = "cosine", iw_samples: int = 0, max_blocks: Optional[int] = None,
+              lr: float = INNER_LOOP.lr, schedule: str = INNER_LOOP.schedule, iw_samples: int = 0, max_blocks: Optional[int] = None,
               seed: int = 0, progress: bool = False) -> list[dict]:
     """One result dict per T in `steps` (see the module docstring for every field). `data`: a TokenData, or a
     1-D array/tensor of token ids; `max_blocks` (>= 1, None: all) caps the number of windows scored. A bound
@@ -86,7 +76,7 @@ def elbo_eval(model, data, steps: Sequence[int] = (0, 16), seq_len: Optional[int
         for k, ids in enumerate(batches):
             w = torch.stack([blocks[i] for i in ids]).to(device)
             tokens, targets = w[:, :-1], w[:, 1:]
-            mu, logvar, noise = _init(cfg, seed, ids, device)
+            mu, logvar, noise = seeded_latents(cfg, [(seed, i, 3) for i in ids], device)
             post = model.infer_posterior(tokens, targets, steps=T, lr=lr, schedule=schedule, mu=mu, logvar=logvar,
                                          noise=noise)
             nll.append(post.nll.double().cpu())
@@ -155,9 +145,3 @@ def plot_scaling(results: list[dict], path) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
-
-
-if __name__ == "__main__":
-    from ltm.cli import main
-
-    sys.exit(main(["eval", *sys.argv[1:]]))

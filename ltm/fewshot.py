@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ltm.generate import generate
+from ltm.latents import INNER_LOOP
 from ltm.tokenizer import Tokenizer, check_vocab
 from ltm.validation import NON_NEGATIVE, SEED, STEPS, Range
 
@@ -52,8 +53,8 @@ def build_prompt(shots: list[dict], question: str) -> str:
     return "".join(TEMPLATE.format(**s) for s in shots) + QUERY_TEMPLATE.format(question=question)
 
 
-def fewshot_eval(model, examples: list[dict], shots: int = 3, steps: Optional[int] = None, lr: float = 0.34,
-                 schedule: str = "cosine", max_answer_tokens: int = 16, seed: int = 0, limit: Optional[int] = None,
+def fewshot_eval(model, examples: list[dict], shots: int = 3, steps: Optional[int] = None,
+                 lr: float = INNER_LOOP.lr, schedule: str = INNER_LOOP.schedule, max_answer_tokens: int = 16, seed: int = 0, limit: Optional[int] = None,
                  progress: bool = False) -> dict:
     """Exact-match accuracy; returns {"accuracy", "n", "shots", "records": [{question, answer, prediction, correct}]}.
     `limit` (>= 1, None: all): score the first `limit` questions only."""
@@ -97,9 +98,3 @@ def fewshot_eval(model, examples: list[dict], shots: int = 3, steps: Optional[in
         print(file=sys.stderr)
     return dict(accuracy=sum(r["correct"] for r in records) / len(records), n=len(records), shots=shots,
                 records=records)
-
-
-if __name__ == "__main__":
-    from ltm.cli import main
-
-    sys.exit(main(["fewshot", *sys.argv[1:]]))

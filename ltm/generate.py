@@ -5,11 +5,11 @@ costs one small forward (`LTMDecoder.decode_step`), or full recomputation for ch
 from __future__ import annotations
 
 import codecs
-import sys
 from typing import Callable, Optional
 
 import torch
 
+from ltm.latents import INNER_LOOP
 from ltm.tokenizer import Tokenizer, check_vocab
 from ltm.validation import COUNT, NON_NEGATIVE, SEED, STEPS, Range
 
@@ -24,8 +24,8 @@ def prior_latents(model, batch: int = 1, scale: float = 1.0, generator: Optional
     return (scale * z).to(w.device)
 
 
-def posterior_latents(model, prompt: torch.Tensor, steps: Optional[int] = None, lr: float = 0.34,
-                      schedule: str = "cosine", sample: bool = False, generator: Optional[torch.Generator] = None):
+def posterior_latents(model, prompt: torch.Tensor, steps: Optional[int] = None,
+                      lr: float = INNER_LOOP.lr, schedule: str = INNER_LOOP.schedule, sample: bool = False, generator: Optional[torch.Generator] = None):
     """Fit q(z | prompt) with the inner loop on the prompt's next-token targets; return its mean (or, with
     `sample`, the loop's sample z). prompt: (B, P) with P >= 2."""
     prompt = model.check_tokens(prompt, "prompt")
@@ -107,7 +107,8 @@ def generate(model, prompt: torch.Tensor, z: torch.Tensor, max_new_tokens: int, 
 
 
 def generate_text(model, prompt: str = "", max_new_tokens: int = 100, conditional: bool = True,
-                  prior_scale: float = 1.0, steps: Optional[int] = None, lr: float = 0.34, schedule: str = "cosine",
+                  prior_scale: float = 1.0, steps: Optional[int] = None, lr: float = INNER_LOOP.lr,
+                  schedule: str = INNER_LOOP.schedule,
                   temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                   seed: int = 0, stream=None) -> str:
     """Text continuation of `prompt` (BOS + prompt, stopping at EOS). The posterior is fitted on the prompt when
@@ -147,9 +148,3 @@ def generate_text(model, prompt: str = "", max_new_tokens: int = 100, conditiona
         stream.write(tail)
         stream.flush()
     return "".join(pieces)
-
-
-if __name__ == "__main__":
-    from ltm.cli import main
-
-    sys.exit(main(["generate", *sys.argv[1:]]))

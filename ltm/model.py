@@ -17,7 +17,8 @@ from torch import nn
 
 from ltm import backends
 from ltm.config import LTMConfig
-from ltm_kernels.reference import rope_tables
+from ltm.latents import INNER_LOOP
+from ltm.backends import rope_tables
 
 
 class RMSNorm(nn.Module):
@@ -248,8 +249,8 @@ class LTMDecoder(nn.Module):
 
         return elbo_terms(self, tokens, targets, mu, logvar, noise, check_finite=check_finite)
 
-    def infer_posterior(self, tokens, targets, steps=None, lr=0.34, schedule="cosine", weight_decay=0.01,
-                        mu=None, logvar=None, noise=None, generator=None, check_finite=True):
+    def infer_posterior(self, tokens, targets, steps=INNER_LOOP.steps, lr=INNER_LOOP.lr,
+                        schedule=INNER_LOOP.schedule, weight_decay=INNER_LOOP.weight_decay, mu=None, logvar=None, noise=None, generator=None, check_finite=True):
         """Fit q(z | x) = N(mu, diag exp(logvar)) with the fast inner loop (DESIGN section 2).
         `check_finite`: raise ltm.posterior.NonFiniteError when the loop diverges (one check, after it)."""
         from ltm.posterior import infer_posterior

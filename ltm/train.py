@@ -20,7 +20,7 @@
   `TrainResult.interrupted` set (the CLI exits with 128 + the signal number); resuming continues exactly.
   A second signal stops at once, without a checkpoint.
 
-    torchrun --nproc_per_node 2 -m ltm.cli train --data data/train --out-dir runs/a --preset ltm-tiny
+    torchrun --nproc_per_node 2 -m ltm train --data data/train --out-dir runs/a --preset ltm-tiny
 """
 from __future__ import annotations
 
@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -45,15 +44,17 @@ from torch import nn
 from ltm.config import LTMConfig
 from ltm.data import SAMPLINGS, TokenData, WindowSampler
 from ltm.files import DirectoryLock, atomic_open, atomic_write_text, remove_stale_temps
+from ltm.interop import read_checkpoint
+from ltm.latents import INNER_LOOP, SCHEDULES, NonFiniteError, seeded_latents
 from ltm.model import LTMDecoder
-from ltm.posterior import LOGVAR_INIT_MEAN, LOGVAR_INIT_STD, MU_INIT_STD, SCHEDULES, NonFiniteError, infer_posterior
+from ltm.posterior import infer_posterior
 from ltm.tokenizer import check_encoding, check_vocab
 from ltm.validation import COUNT, NON_NEGATIVE, POSITIVE, SEED, STEPS, Range, check_choice, resolve_device
 
 CHECKPOINT_FORMAT = "ltm-train-checkpoint"
 CHECKPOINT_NAME, METRICS_NAME = "ckpt.pt", "metrics.jsonl"
 LATENT_MODES = ("posterior", "zero")
-__all__ = ["NonFiniteError", "TrainConfig", "TrainResult", "train"]  # NonFiniteError: ltm.posterior's
+__all__ = ["NonFiniteError", "TrainConfig", "TrainResult", "train"]  # NonFiniteError: ltm.latents's
 
 
 @dataclass
@@ -75,8 +76,8 @@ class TrainConfig:
     weight_decay: float = 0.1                  # matrices and embeddings; norm weights get 0
     grad_clip: float = 1.0                     # global grad-norm clip; 0 disables
     inner_steps: Optional[int] = None          # inner-loop steps T; None: the preset's t_fast
-    inner_lr: float = 0.34
-    inner_schedule: str = "cosine"
+    inner_lr: float = INNER_LOOP.lr
+    inner_schedule: str = INNER_LOOP.schedule
     latents: str = "posterior"                 # "zero": baseline plain causal LM (z = 0, cross-attention idle)
     sampling: str = "random"                   # WindowSampler: "random" offsets or shuffled "blocks"
     seed: int = 0
@@ -133,13 +134,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 def initial_latents(cfg: LTMConfig, seed: int, step: int, index, device) -> tuple:
     """(mu, logvar, noise) of the inner loop for the sequences at `index` of step `step`'s global batch, each
     drawn from its own generator: independent of batch size, rank and micro-step (DESIGN section 2 init)."""
-    shape = (cfg.n_z, cfg.d_model)
-    draws = []
-    for i in index:
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, int(i), 2]).generate_state(1)[0]))
-        draws.append(torch.randn((3, *shape), generator=g))
-    d = torch.stack(draws).to(device)  # (B, 3, n_z, d)
-    return d[:, 0] * MU_INIT_STD, LOGVAR_INIT_MEAN + LOGVAR_INIT_STD * d[:, 1], d[:, 2]
+    return seeded_latents(cfg, [(seed, step, int(i), 2) for i in index], device)
 
 
 class _TrainLoss(nn.Module):
@@ -162,15 +157,13 @@ def atomic_save(obj, path) -> None:
 
 
 def load_checkpoint(path, encoding: Optional[str] = None) -> dict:
-    """Read a training checkpoint with weights_only=True; refuse a truncated file or another tokenizer."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"cannot read checkpoint {path} with torch.load(weights_only=True): truncated, "
-                         f"corrupted or not a tensors-only checkpoint ({type(err).__name__}: {err})") from err
+    """Read a training checkpoint (ltm.interop.read_checkpoint: weights_only=True); refuse a truncated file
+    or another tokenizer."""
+    return check_training_checkpoint(read_checkpoint(path), path, encoding)
+
+
+def check_training_checkpoint(ckpt, path, encoding: Optional[str] = None) -> dict:
+    """`ckpt` (read from `path`) if it is an ltm training checkpoint, made with `encoding` when given."""
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an ltm training checkpoint (format {CHECKPOINT_FORMAT!r})")
     if encoding is not None:
@@ -497,9 +490,3 @@ def _train_locked(cfg, rank, world, device, model_cfg, data, sampler, stop) -> T
             return TrainResult(model=model, step=step, checkpoint=ckpt_path, metrics=metrics_path,
                                interrupted=name)
     return TrainResult(model=model, step=step, checkpoint=ckpt_path, metrics=metrics_path)
-
-
-if __name__ == "__main__":
-    from ltm.cli import main
-
-    sys.exit(main(["train", *sys.argv[1:]]))
