@@ -31,6 +31,9 @@ import torch
 
 import ltm_kernels
 from ltm_kernels import reference
+# Pure helpers of the kernels' math that the model and the inner loop use: re-exported, so that ltm/ reaches
+# ltm_kernels through this module only.
+from ltm_kernels.reference import SCHEDULES, kl_ref, rope_tables, scheduled_lr  # noqa: F401
 
 BACKENDS = ("auto", "eager", "cpp", "triton")
 

@@ -6,6 +6,10 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from ltm.validation import COUNT, Range, check_choice
+
+ENCODINGS = ("gpt2", "bytes")  # the tokenizers of ltm.tokenizer
+
 
 def swiglu_hidden_size(d_model: int) -> int:
     """Published SwiGLU width: 2/3 of 4d, rounded up to a multiple of 32 (1376 for d = 512)."""
@@ -22,10 +26,11 @@ class LTMConfig:
     window_size: int = 256           # token n attends to tokens n-W+1 .. n
     n_z: int = 24                    # latent vectors in TOTAL, split evenly over layers
     d_ff: Optional[int] = None       # None: the published SwiGLU width for d_model
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5           # in (0, 1]
+    rope_theta: float = 10000.0      # RoPE base, > 0
     t_fast: int = 16                 # default inner-loop steps (infer_posterior(steps=None))
-    encoding: str = "gpt2"           # tokenizer the model is trained with; travels with checkpoints
+    encoding: str = "gpt2"           # tokenizer the model is trained with (ENCODINGS); travels with checkpoints
+    # (vocab_size >= the tokenizer's is checked where a tokenizer meets the model: ltm.tokenizer.check_vocab)
 
     def __post_init__(self):
         if self.d_ff is None:
@@ -33,9 +38,10 @@ class LTMConfig:
         positive = ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len", "window_size", "n_z",
                     "d_ff", "t_fast")
         for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"LTMConfig.{name} must be a positive int, got {value!r}")
+            COUNT.check(f"LTMConfig.{name}", getattr(self, name))
+        Range(float, 0, 1, low_open=True).check("LTMConfig.norm_eps", self.norm_eps)
+        Range(float, 0, low_open=True).check("LTMConfig.rope_theta", self.rope_theta)
+        check_choice("LTMConfig.encoding", self.encoding, ENCODINGS)
         if self.d_model % self.n_head:
             raise ValueError(f"LTMConfig.d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         if self.head_dim % 2:
@@ -64,17 +70,19 @@ class LTMConfig:
     def from_name(cls, name: str, **overrides) -> "LTMConfig":
         if name not in PRESETS:
             raise ValueError(f"unknown LTM preset {name!r}; known: {', '.join(sorted(PRESETS))}")
-        return cls(**{**PRESETS[name], **overrides})
+        return cls.from_dict({**PRESETS[name], **overrides})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> "LTMConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        if not isinstance(values, dict):
+            raise ValueError(f"LTMConfig values must be a dict of field: value, got {type(values).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(known))
         if unknown:
-            raise ValueError(f"unknown LTMConfig fields: {unknown}")
+            raise ValueError(f"unknown LTMConfig fields {unknown}; the fields are {', '.join(known)}")
         return cls(**values)
 
 

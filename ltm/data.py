@@ -12,21 +12,22 @@ JSONL files (one document per line: an object with a text field, or a bare JSON 
 Batches are a pure function of (seed, step): resuming at step s needs only s, and a run on W processes
 sees exactly the batches one process sees with a W times larger batch (each rank takes its slice).
 
-    python -m ltm.data prepare corpus/ notes.jsonl -o data/train --encoding bytes
+    ltm prepare corpus/ notes.jsonl -o data/train --encoding bytes
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
 
+from ltm.files import atomic_open
 from ltm.tokenizer import ENCODINGS, Tokenizer, check_encoding
+from ltm.validation import check_output
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl",)
@@ -90,46 +91,43 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
 
 
-def _paths(path) -> tuple[Path, Path]:
+def data_paths(path) -> tuple[Path, Path]:
     """(token file, metadata file) of a dataset named by either file or by the common stem."""
     path = Path(path)
     stem = path.with_suffix("") if path.suffix in (".bin", ".json") else path
     return stem.with_suffix(".bin"), stem.with_suffix(".json")
 
 
-def _replace_atomically(tmp: str, final: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-
-
 def prepare(inputs, output, encoding: str = "bytes", jsonl_key: str = "text", progress: bool = True) -> dict:
     """Tokenize `inputs` (files, folders, JSONL) into `<output>.bin` + `<output>.json`; returns the metadata.
 
     Both files are written to temporary names and renamed only when complete: an error (or a crash) leaves
-    any earlier dataset at `output` as it was."""
+    any earlier dataset at `output` as it was. An output that is one of the inputs is refused."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     if not inputs:
         raise DataError("inputs: give at least one text file, folder or JSONL file")
     if encoding not in ENCODINGS:
         raise DataError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+    bin_path, meta_path = data_paths(output)
+    sources = _input_files(inputs)
+    for path in (bin_path, meta_path):
+        try:
+            check_output("output", path, [("input", p) for p in sources])
+        except ValueError as err:
+            raise DataError(str(err)) from None
     tok = Tokenizer(encoding)
     dtype = token_dtype(tok.vocab_size)
-    bin_path, meta_path = _paths(output)
     bin_path.parent.mkdir(parents=True, exist_ok=True)
     n_tokens = n_docs = 0
-    tmp_bin = tempfile.mkstemp(dir=bin_path.parent, prefix=f".{bin_path.name}.")[1]
-    tmp_meta = tempfile.mkstemp(dir=meta_path.parent, prefix=f".{meta_path.name}.")[1]
-    try:
-        with open(tmp_bin, "wb") as f:
-            for text in iter_documents(inputs, jsonl_key):
-                ids = np.asarray(tok.encode_document(text), dtype=dtype)
-                f.write(ids.tobytes())
-                n_tokens += len(ids)
-                n_docs += 1
-                if progress and n_docs % 1000 == 0:
-                    print(f"\rprepare: {n_docs:,} documents, {n_tokens:,} tokens", end="", file=sys.stderr)
+    with atomic_open(bin_path) as f_bin, atomic_open(meta_path, "w") as f_meta:
+        for text in iter_documents(sources, jsonl_key):
+            ids = np.asarray(tok.encode_document(text), dtype=dtype)
+            f_bin.write(ids.tobytes())
+            n_tokens += len(ids)
+            n_docs += 1
+            if progress and n_docs % 1000 == 0:
+                print(f"\rprepare: {n_docs:,} documents, {n_tokens:,} tokens", end="", file=sys.stderr)
         if progress and n_docs >= 1000:
             print(file=sys.stderr)
         if n_docs == 0:
@@ -137,13 +135,7 @@ def prepare(inputs, output, encoding: str = "bytes", jsonl_key: str = "text", pr
         meta = dict(format=FORMAT, version=1, encoding=encoding, vocab_size=tok.vocab_size, dtype=dtype.name,
                     n_tokens=n_tokens, n_documents=n_docs, bos_id=tok.bos_id, eos_id=tok.eos_id,
                     sources=[str(p) for p in inputs])
-        Path(tmp_meta).write_text(json.dumps(meta, indent=2) + "\n")
-        _replace_atomically(tmp_bin, bin_path)
-        _replace_atomically(tmp_meta, meta_path)
-    finally:
-        for tmp in (tmp_bin, tmp_meta):
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        f_meta.write(json.dumps(meta, indent=2) + "\n")
     return meta
 
 
@@ -151,7 +143,7 @@ class TokenData:
     """A prepared token file, memory-mapped. `encoding` given: refuse a dataset made with another tokenizer."""
 
     def __init__(self, path, encoding: Optional[str] = None):
-        self.bin_path, self.meta_path = _paths(path)
+        self.bin_path, self.meta_path = data_paths(path)
         if not self.meta_path.is_file():
             raise DataError(f"data {path}: metadata file {self.meta_path} not found (make it with `ltm prepare`)")
         try:
@@ -268,9 +260,3 @@ def encode_texts(paths, encoding: str, jsonl_key: str = "text") -> np.ndarray:
     if not ids:
         raise DataError(f"inputs {[str(p) for p in paths]} contain no non-empty documents")
     return np.asarray(ids, dtype=token_dtype(tok.vocab_size))
-
-
-if __name__ == "__main__":
-    from ltm.cli import main
-
-    sys.exit(main(sys.argv[1:] if sys.argv[1:2] == ["prepare"] else ["prepare", *sys.argv[1:]]))

@@ -34,8 +34,8 @@ from typing import Optional
 
 import torch
 
-from ltm.posterior import (ADAM_BETAS, ADAM_EPS, SCHEDULES, Posterior, _param_dtype, check_inputs,
-                           check_loop_settings, draw_latents, kl_divergence)
+from ltm.latents import (ADAM_BETAS, ADAM_EPS, INNER_LOOP, SCHEDULES, Posterior, _param_dtype, check_inputs,
+                         check_loop_settings, draw_latents, kl_divergence)
 
 MAX_CACHED_LOOPS = 4  # engines (graphs) kept per model by cached_inner_loop, least recently used dropped
 
@@ -44,8 +44,9 @@ class InnerLoop:
     """Posterior inference for one (batch, seq_len, steps, lr, schedule, weight_decay) on `model`'s device,
     dtype and backend ops. `graph`: capture a CUDA graph (default: on CUDA devices)."""
 
-    def __init__(self, model, batch: int, seq_len: int, steps: Optional[int] = None, lr: float = 0.34,
-                 schedule: str = "cosine", weight_decay: float = 0.01, graph: Optional[bool] = None):
+    def __init__(self, model, batch: int, seq_len: int, steps: Optional[int] = None,
+                 lr: float = INNER_LOOP.lr, schedule: str = INNER_LOOP.schedule,
+                 weight_decay: float = INNER_LOOP.weight_decay, graph: Optional[bool] = None):
         cfg = model.cfg
         steps = cfg.t_fast if steps is None else steps
         check_loop_settings(steps, lr, schedule, weight_decay)

@@ -19,20 +19,17 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 
 from ltm.data import eval_blocks
-from ltm.posterior import LOGVAR_INIT_MEAN, LOGVAR_INIT_STD, MU_INIT_STD
+from ltm.files import atomic_write_text
+from ltm.latents import INNER_LOOP, seeded_latents
+from ltm.validation import COUNT, NON_NEGATIVE, SEED, STEPS, Range
 
 
-def _init(cfg, seed: int, block_ids, device):
-    draws = []
-    for i in block_ids:
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, int(i), 3]).generate_state(1)[0]))
-        draws.append(torch.randn((4, cfg.n_z, cfg.d_model), generator=g))
-    d = torch.stack(draws).to(device)
-    return d[:, 0] * MU_INIT_STD, LOGVAR_INIT_MEAN + LOGVAR_INIT_STD * d[:, 1], d[:, 2]
+def _exp(x: float) -> float:
+    """exp, inf past float64's range: a bound of e^800 (a short window, a large KL) is a valid inf bound."""
+    return math.exp(x) if x < 709.0 else math.inf
 
 
 def _iw_nelbo(model, tokens, targets, mu, logvar, samples: int, generator) -> torch.Tensor:
@@ -49,18 +46,23 @@ def _iw_nelbo(model, tokens, targets, mu, logvar, samples: int, generator) -> to
 
 
 def elbo_eval(model, data, steps: Sequence[int] = (0, 16), seq_len: Optional[int] = None, batch_size: int = 8,
-              lr: float = 0.34, schedule: str = "cosine", iw_samples: int = 0, max_blocks: Optional[int] = None,
+              lr: float = INNER_LOOP.lr, schedule: str = INNER_LOOP.schedule, iw_samples: int = 0, max_blocks: Optional[int] = None,
               seed: int = 0, progress: bool = False) -> list[dict]:
     """One result dict per T in `steps` (see the module docstring for every field). `data`: a TokenData, or a
-    1-D array/tensor of token ids; `max_blocks` caps the number of windows scored."""
+    1-D array/tensor of token ids; `max_blocks` (>= 1, None: all) caps the number of windows scored. A bound
+    beyond float64's range (e.g. seq_len=1: one token carries the whole KL) is inf."""
     cfg = model.cfg
-    seq_len = seq_len or cfg.max_seq_len
-    if seq_len > cfg.max_seq_len:
-        raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
-    if not steps or any(not isinstance(t, int) or t < 0 for t in steps):
-        raise ValueError(f"steps must be a non-empty list of non-negative ints, got {steps!r}")
-    if not isinstance(iw_samples, int) or iw_samples < 0:
-        raise ValueError(f"iw_samples must be a non-negative int, got {iw_samples!r}")
+    Range(int, 1, cfg.max_seq_len, optional=True).check("seq_len", seq_len)
+    seq_len = cfg.max_seq_len if seq_len is None else seq_len
+    if isinstance(steps, (int, str)) or not steps:
+        raise ValueError(f"steps must be a non-empty list of ints >= 0, got {steps!r}")
+    for t in steps:
+        STEPS.check("steps (each)", t)
+    COUNT.check("batch_size", batch_size)
+    STEPS.check("iw_samples", iw_samples)
+    Range(int, 1, optional=True).check("max_blocks", max_blocks)
+    NON_NEGATIVE.check("lr", lr)
+    SEED.check("seed", seed)
     blocks = eval_blocks(data, seq_len)[:max_blocks]
     # Windows of equal length batch together; only the last one may be shorter.
     full = [i for i, b in enumerate(blocks) if len(b) == seq_len + 1]
@@ -74,7 +76,7 @@ def elbo_eval(model, data, steps: Sequence[int] = (0, 16), seq_len: Optional[int
         for k, ids in enumerate(batches):
             w = torch.stack([blocks[i] for i in ids]).to(device)
             tokens, targets = w[:, :-1], w[:, 1:]
-            mu, logvar, noise = _init(cfg, seed, ids, device)
+            mu, logvar, noise = seeded_latents(cfg, [(seed, i, 3) for i in ids], device)
             post = model.infer_posterior(tokens, targets, steps=T, lr=lr, schedule=schedule, mu=mu, logvar=logvar,
                                          noise=noise)
             nll.append(post.nll.double().cpu())
@@ -90,11 +92,11 @@ def elbo_eval(model, data, steps: Sequence[int] = (0, 16), seq_len: Optional[int
         total = float(n_tok.sum())
         r = dict(T=T, sequences=len(nelbo), tokens=int(total), nelbo_per_token=float(nelbo.sum()) / total,
                  nll_per_token=float(nll.sum()) / total, kl_per_seq=float(kl.mean()),
-                 ppl_bound=math.exp(float(nelbo.sum()) / total), ppl_mean_exp=float(torch.exp(nelbo / n_tok).mean()))
+                 ppl_bound=_exp(float(nelbo.sum()) / total), ppl_mean_exp=float(torch.exp(nelbo / n_tok).mean()))
         if iw_samples:
             iw_all = torch.cat(iw)
             r.update(iw_samples=iw_samples, iw_nelbo_per_token=float(iw_all.sum()) / total,
-                     ppl_iw=math.exp(float(iw_all.sum()) / total))
+                     ppl_iw=_exp(float(iw_all.sum()) / total))
         results.append(r)
     if progress:
         print(file=sys.stderr)
@@ -112,8 +114,13 @@ def format_table(results: list[dict]) -> str:
 
 
 def write_results(results: list[dict], path, meta: Optional[dict] = None) -> None:
+    """JSON {"meta", "results"}; a bound that overflows (inf) is written as null, keeping the file standard JSON."""
+    def plain(value):
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+
+    rows = [{k: plain(v) for k, v in r.items()} for r in results]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps({"meta": meta or {}, "results": results}, indent=2) + "\n")
+    atomic_write_text(path, json.dumps({"meta": meta or {}, "results": rows}, indent=2) + "\n")
 
 
 def plot_scaling(results: list[dict], path) -> bool:
@@ -138,9 +145,3 @@ def plot_scaling(results: list[dict], path) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
-
-
-if __name__ == "__main__":
-    from ltm.cli import main
-
-    sys.exit(main(["eval", *sys.argv[1:]]))

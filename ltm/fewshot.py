@@ -17,7 +17,9 @@ import numpy as np
 import torch
 
 from ltm.generate import generate
-from ltm.tokenizer import Tokenizer
+from ltm.latents import INNER_LOOP
+from ltm.tokenizer import Tokenizer, check_vocab
+from ltm.validation import NON_NEGATIVE, SEED, STEPS, Range
 
 TEMPLATE = "Q: {question}\nA: {answer}\n\n"
 QUERY_TEMPLATE = "Q: {question}\nA:"
@@ -27,8 +29,12 @@ def read_qa(path, question_key: str = "question", answer_key: str = "answer") ->
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"few-shot data file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"few-shot data file {path} is not UTF-8 JSONL text: {err}") from None
     examples = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for line_no, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -47,17 +53,25 @@ def build_prompt(shots: list[dict], question: str) -> str:
     return "".join(TEMPLATE.format(**s) for s in shots) + QUERY_TEMPLATE.format(question=question)
 
 
-def fewshot_eval(model, examples: list[dict], shots: int = 3, steps: Optional[int] = None, lr: float = 0.34,
-                 schedule: str = "cosine", max_answer_tokens: int = 16, seed: int = 0, limit: Optional[int] = None,
+def fewshot_eval(model, examples: list[dict], shots: int = 3, steps: Optional[int] = None,
+                 lr: float = INNER_LOOP.lr, schedule: str = INNER_LOOP.schedule, max_answer_tokens: int = 16, seed: int = 0, limit: Optional[int] = None,
                  progress: bool = False) -> dict:
-    """Exact-match accuracy; returns {"accuracy", "n", "shots", "records": [{question, answer, prediction, correct}]}."""
-    if not isinstance(shots, int) or shots < 0 or shots >= len(examples):
-        raise ValueError(f"shots must be an int in [0, {len(examples) - 1}] for {len(examples)} examples, got {shots!r}")
+    """Exact-match accuracy; returns {"accuracy", "n", "shots", "records": [{question, answer, prediction, correct}]}.
+    `limit` (>= 1, None: all): score the first `limit` questions only."""
+    if not examples:
+        raise ValueError("examples must be a non-empty list of {question, answer} dicts")
+    Range(int, 0, len(examples) - 1).check(f"shots (for {len(examples)} examples)", shots)
+    STEPS.check("steps", model.cfg.t_fast if steps is None else steps)
+    NON_NEGATIVE.check("lr", lr)
+    Range(int, 1, model.cfg.max_seq_len - 1).check("max_answer_tokens", max_answer_tokens)
+    SEED.check("seed", seed)
+    Range(int, 1, optional=True).check("limit", limit)
+    check_vocab(model.cfg)
     tok = Tokenizer(model.cfg.encoding)
     device = model.tok_embeddings.weight.device
     rng = np.random.default_rng(seed)
     records, t0 = [], time.time()
-    queries = examples[:limit] if limit else examples
+    queries = examples if limit is None else examples[:limit]
     for i, ex in enumerate(queries):
         others = [j for j in range(len(examples)) if j != i]
         shot_ex = [examples[j] for j in rng.choice(others, size=shots, replace=False)] if shots else []
@@ -84,9 +98,3 @@ def fewshot_eval(model, examples: list[dict], shots: int = 3, steps: Optional[in
         print(file=sys.stderr)
     return dict(accuracy=sum(r["correct"] for r in records) / len(records), n=len(records), shots=shots,
                 records=records)
-
-
-if __name__ == "__main__":
-    from ltm.cli import main
-
-    sys.exit(main(["fewshot", *sys.argv[1:]]))

@@ -5,26 +5,27 @@ costs one small forward (`LTMDecoder.decode_step`), or full recomputation for ch
 from __future__ import annotations
 
 import codecs
-import sys
 from typing import Callable, Optional
 
 import torch
 
-from ltm.tokenizer import Tokenizer
+from ltm.latents import INNER_LOOP
+from ltm.tokenizer import Tokenizer, check_vocab
+from ltm.validation import COUNT, NON_NEGATIVE, SEED, STEPS, Range
 
 
 def prior_latents(model, batch: int = 1, scale: float = 1.0, generator: Optional[torch.Generator] = None):
     """z ~ N(0, scale^2 I) of shape (batch, n_z, d); scale < 1 trades diversity for typicality."""
-    if not scale >= 0:
-        raise ValueError(f"scale must be >= 0, got {scale!r}")
+    COUNT.check("batch", batch)
+    NON_NEGATIVE.check("scale", scale)
     cfg, w = model.cfg, model.tok_embeddings.weight
     z = torch.randn((batch, cfg.n_z, cfg.d_model), generator=generator, dtype=torch.float32,
                     device=generator.device if generator is not None else "cpu")
     return (scale * z).to(w.device)
 
 
-def posterior_latents(model, prompt: torch.Tensor, steps: Optional[int] = None, lr: float = 0.34,
-                      schedule: str = "cosine", sample: bool = False, generator: Optional[torch.Generator] = None):
+def posterior_latents(model, prompt: torch.Tensor, steps: Optional[int] = None,
+                      lr: float = INNER_LOOP.lr, schedule: str = INNER_LOOP.schedule, sample: bool = False, generator: Optional[torch.Generator] = None):
     """Fit q(z | prompt) with the inner loop on the prompt's next-token targets; return its mean (or, with
     `sample`, the loop's sample z). prompt: (B, P) with P >= 2."""
     prompt = model.check_tokens(prompt, "prompt")
@@ -55,15 +56,14 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[
                              1, generator=generator).view(-1).to(logits.device)
 
 
+TOP_P = Range(float, 0, 1, low_open=True, optional=True)
+
+
 def _check_sampling(max_new_tokens, temperature, top_k, top_p):
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    STEPS.check("max_new_tokens", max_new_tokens)
+    NON_NEGATIVE.check("temperature (0 = greedy)", temperature)
+    Range(int, 1, optional=True).check("top_k", top_k)
+    TOP_P.check("top_p", top_p)
 
 
 @torch.no_grad()
@@ -107,12 +107,17 @@ def generate(model, prompt: torch.Tensor, z: torch.Tensor, max_new_tokens: int, 
 
 
 def generate_text(model, prompt: str = "", max_new_tokens: int = 100, conditional: bool = True,
-                  prior_scale: float = 1.0, steps: Optional[int] = None, lr: float = 0.34, schedule: str = "cosine",
+                  prior_scale: float = 1.0, steps: Optional[int] = None, lr: float = INNER_LOOP.lr,
+                  schedule: str = INNER_LOOP.schedule,
                   temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                   seed: int = 0, stream=None) -> str:
     """Text continuation of `prompt` (BOS + prompt, stopping at EOS). The posterior is fitted on the prompt when
     `conditional` and the prompt is non-empty; otherwise z ~ N(0, prior_scale^2 I). With `stream` (a file,
     e.g. sys.stdout) the text is written as it is generated."""
+    SEED.check("seed", seed)
+    NON_NEGATIVE.check("prior_scale", prior_scale)
+    _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    check_vocab(model.cfg)
     tok = Tokenizer(model.cfg.encoding)
     device = model.tok_embeddings.weight.device
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -143,9 +148,3 @@ def generate_text(model, prompt: str = "", max_new_tokens: int = 100, conditiona
         stream.write(tail)
         stream.flush()
     return "".join(pieces)
-
-
-if __name__ == "__main__":
-    from ltm.cli import main
-
-    sys.exit(main(["generate", *sys.argv[1:]]))

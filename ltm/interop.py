@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ltm.config import PRESETS, LTMConfig
+from ltm.files import atomic_write_bytes, atomic_write_text
+from ltm.tokenizer import VOCAB_SIZES
 
 _MLP_ALIASES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _TIED_KEY, _EMBED_KEY = "output.weight", "tok_embeddings.weight"
@@ -95,7 +96,12 @@ def _config_from_published(state_dict: dict, model_args: dict, overrides: dict) 
     preset = next((p for p in PRESETS.values() if p["n_layer"] == from_shapes["n_layer"]
                    and p["d_model"] == from_shapes["d_model"] and p["vocab_size"] == from_shapes["vocab_size"]), {})
     # model_args win over shapes: weights that disagree are then reported key by key by the loader.
-    values = {"n_head": from_shapes["d_model"] // 64, **preset, **from_shapes, **from_args, **overrides}
+    # Published checkpoints carry no tokenizer name: theirs is GPT-2, but a vocabulary of exactly the byte
+    # tokenizer's size can only be ours (a published-format save of a byte-level model).
+    encoding = model_args.get("encoding") or ("bytes" if from_shapes["vocab_size"] == VOCAB_SIZES["bytes"]
+                                              else "gpt2")
+    values = {"n_head": from_shapes["d_model"] // 64, **preset, **from_shapes, **from_args, "encoding": encoding,
+              **overrides}
     if "n_z" not in values:
         raise ValueError("cannot tell the number of latents from a bare state dict: pass n_z=... "
                          "(the total count, e.g. from the published model_args max_z_len)")
@@ -129,28 +135,18 @@ def from_published_checkpoint(cls, path_or_dict, backend: str = "auto", **config
     return model
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temp file in the same folder and rename: a crash never leaves a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def save_pretrained(model, directory) -> None:
     """`model.safetensors` (tied output weight stored once) + `config.json` (LTMConfig, including encoding)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"save_pretrained: {directory} exists and is not a folder; give a folder name")
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != _TIED_KEY}
-    _atomic_write(directory / SAFETENSORS_FILE, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write_bytes(directory / SAFETENSORS_FILE, save(tensors, metadata={"format": "pt"}))
     config = json.dumps({"format": "ltm-kernels", "config": model.cfg.to_dict()}, indent=2)
-    _atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(config + "\n"))
+    atomic_write_text(directory / CONFIG_FILE, config + "\n")
 
 
 def from_pretrained(cls, directory, backend: str = "auto", encoding=None):

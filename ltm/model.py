@@ -16,7 +16,8 @@ from torch import nn
 
 from ltm import backends
 from ltm.config import LTMConfig
-from ltm_kernels.reference import rope_tables
+from ltm.latents import INNER_LOOP
+from ltm.backends import rope_tables
 
 
 class RMSNorm(nn.Module):
@@ -282,21 +283,22 @@ class LTMDecoder(nn.Module):
         h = self.hidden_states(tokens, z, prefix)
         return self.ops.lm_head_nll(h, self.output.weight, targets)
 
-    def elbo_terms(self, tokens, targets, mu, logvar, noise):
-        """(nll, kl), each (B,): summed CE of x given z = mu + noise * exp(logvar / 2), and KL(q || N(0, I))."""
-        from ltm.posterior import check_inputs, kl_divergence
+    def elbo_terms(self, tokens, targets, mu, logvar, noise, check_finite=True):
+        """(nll, kl), each (B,): summed CE of x given z = mu + noise * exp(logvar / 2), and KL(q || N(0, I)).
+        `check_finite`: raise ltm.posterior.NonFiniteError on nan/inf results."""
+        from ltm.posterior import elbo_terms
 
-        tokens, targets, mu, logvar, noise = check_inputs(self, tokens, targets, mu, logvar, noise)
-        z = mu + noise * torch.exp(0.5 * logvar)
-        return self.sequence_nll(tokens, targets, z), kl_divergence(mu, logvar)
+        return elbo_terms(self, tokens, targets, mu, logvar, noise, check_finite=check_finite)
 
-    def infer_posterior(self, tokens, targets, steps=None, lr=0.34, schedule="cosine", weight_decay=0.01,
-                        mu=None, logvar=None, noise=None, generator=None):
-        """Fit q(z | x) = N(mu, diag exp(logvar)) with the fast inner loop (DESIGN section 2)."""
+    def infer_posterior(self, tokens, targets, steps=INNER_LOOP.steps, lr=INNER_LOOP.lr,
+                        schedule=INNER_LOOP.schedule, weight_decay=INNER_LOOP.weight_decay, mu=None, logvar=None, noise=None, generator=None, check_finite=True):
+        """Fit q(z | x) = N(mu, diag exp(logvar)) with the fast inner loop (DESIGN section 2).
+        `check_finite`: raise ltm.posterior.NonFiniteError when the loop diverges (one check, after it)."""
         from ltm.posterior import infer_posterior
 
         return infer_posterior(self, tokens, targets, steps=steps, lr=lr, schedule=schedule,
-                               weight_decay=weight_decay, mu=mu, logvar=logvar, noise=noise, generator=generator)
+                               weight_decay=weight_decay, mu=mu, logvar=logvar, noise=noise, generator=generator,
+                               check_finite=check_finite)
 
     # ---------------------------------------------------------------- KV-cache decoding (generation)
     # Each new token costs one small forward: the latents' keys/values are projected once per sequence, and
@@ -309,7 +311,11 @@ class LTMDecoder(nn.Module):
         if not isinstance(max_len, int) or not 0 < max_len <= cfg.max_seq_len:
             raise ValueError(f"max_len must be an int in [1, max_seq_len={cfg.max_seq_len}], got {max_len!r}")
         dtype, device = self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device
-        batch = z.shape[0] if isinstance(z, torch.Tensor) and z.dim() > 0 else 0
+        if not isinstance(z, torch.Tensor) or z.dim() not in (3, 4):
+            raise ValueError(f"z must be a tensor of shape (B, {cfg.n_z}, {cfg.d_model}) or (B, {cfg.n_layer}, "
+                             f"{cfg.n_z_per_layer}, {cfg.d_model}), got "
+                             f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+        batch = z.shape[0]
         z = self.check_latent(z, batch, "z").to(dtype).view(batch, cfg.n_layer, cfg.n_z_per_layer, cfg.d_model)
         latent_kv = [layer.latent_kv(z[:, i], self.ops) for i, layer in enumerate(self.layers)]
         size = min(cfg.window_size, max_len)

@@ -24,87 +24,33 @@ more steps when the posterior variance matters.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from ltm_kernels.reference import SCHEDULES, kl_ref
-from ltm_kernels.reference import scheduled_lr as _scheduled_lr
+from ltm.engine import cached_inner_loop
+from ltm.latents import (ADAM_BETAS, ADAM_EPS, INNER_LOOP, LOGVAR_INIT_MEAN, LOGVAR_INIT_STD, MU_INIT_STD,
+                         SCHEDULES, InnerLoopConfig, NonFiniteError, Posterior, check_inputs, check_loop_settings,
+                         draw_latents, kl_divergence, raise_if_non_finite, scheduled_lr)
 
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-8
-MU_INIT_STD = 0.01
-LOGVAR_INIT_MEAN, LOGVAR_INIT_STD = -5.0, 0.1
-
-
-@dataclass
-class Posterior:
-    mu: torch.Tensor       # (B, n_z, d)
-    logvar: torch.Tensor   # (B, n_z, d)
-    z: torch.Tensor        # (B, n_z, d): mu + noise * exp(logvar / 2) at the final parameters
-    noise: torch.Tensor    # (B, n_z, d): the fixed noise of this loop
-    nll: torch.Tensor      # (B,): summed CE over tokens at the final z
-    kl: torch.Tensor       # (B,): summed KL over latent dims at the final parameters
-
-    @property
-    def nelbo(self) -> torch.Tensor:
-        return self.nll + self.kl
+__all__ = ["ADAM_BETAS", "ADAM_EPS", "INNER_LOOP", "LOGVAR_INIT_MEAN", "LOGVAR_INIT_STD", "MU_INIT_STD", "SCHEDULES",
+           "InnerLoopConfig", "NonFiniteError", "Posterior", "eager_inner_loop", "elbo_terms", "infer_posterior",
+           "kl_divergence", "scheduled_lr"]
 
 
-def scheduled_lr(step: int, total: int, lr: float, schedule: str) -> float:
-    """Learning rate of step `step` (0-based) of `total`; see the module docstring. The one definition is
-    `ltm_kernels.reference.scheduled_lr`, which the kernels follow on the device."""
-    return _scheduled_lr(step, total, lr, schedule)
-
-
-def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, I)) summed over all latent dims of each sequence: (B,)."""
-    return kl_ref(mu, logvar).flatten(1).sum(-1)
-
-
-def _param_dtype(model) -> torch.dtype:
-    """Variational parameters stay at least fp32, even for a half-precision decoder."""
-    return torch.promote_types(model.tok_embeddings.weight.dtype, torch.float32)
-
-
-def check_inputs(model, tokens, targets, mu, logvar, noise):
-    """Validate the inputs of elbo_terms / infer_posterior; latents come back flat (B, n_z, d), own dtype."""
-    tokens = model.check_tokens(tokens, "tokens")
-    targets = model.check_tokens(targets, "targets", allow_ignore=True)
-    if targets.shape != tokens.shape:
-        raise ValueError(f"targets must have the shape of tokens {tuple(tokens.shape)}, got {tuple(targets.shape)}")
-    batch, dtype = tokens.shape[0], _param_dtype(model)
-    latents = [None if x is None else model.check_latent(x, batch, name).to(dtype)
-               for x, name in ((mu, "mu"), (logvar, "logvar"), (noise, "noise"))]
-    return (tokens, targets, *latents)
-
-
-def check_loop_settings(steps, lr, schedule, weight_decay) -> None:
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
-        raise ValueError(f"lr must be a finite non-negative number, got {lr!r}")
-    if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
-        raise ValueError(f"weight_decay must be a finite non-negative number, got {weight_decay!r}")
-
-
-def draw_latents(model, batch: int, mu, logvar, noise, generator: Optional[torch.Generator]):
-    """(mu, logvar, noise) for one loop: the given tensors as they are, the others drawn as documented, in
-    this order from `generator`: mu ~ N(0, 0.01^2), logvar = -5 + 0.1 N(0, 1), noise ~ N(0, I)."""
-    cfg = model.cfg
-    shape = (batch, cfg.n_z, cfg.d_model)
-    factory = dict(device=model.tok_embeddings.weight.device, dtype=_param_dtype(model))
-    if mu is None:
-        mu = torch.randn(shape, generator=generator, **factory) * MU_INIT_STD
-    if logvar is None:
-        logvar = LOGVAR_INIT_MEAN + LOGVAR_INIT_STD * torch.randn(shape, generator=generator, **factory)
-    if noise is None:
-        noise = torch.randn(shape, generator=generator, **factory)
-    return mu, logvar, noise
+def elbo_terms(model, tokens, targets, mu, logvar, noise, check_finite: bool = True):
+    """LTMDecoder.elbo_terms: (nll, kl), each (B,), at z = mu + noise * exp(logvar / 2)."""
+    for x, name in ((mu, "mu"), (logvar, "logvar"), (noise, "noise")):
+        if x is None:
+            raise ValueError(f"elbo_terms: {name} is required, a tensor of shape (B, n_z, d) (e.g. the "
+                             f"Posterior.{name} of infer_posterior), got None")
+    tokens, targets, mu, logvar, noise = check_inputs(model, tokens, targets, mu, logvar, noise)
+    z = mu + noise * torch.exp(0.5 * logvar)
+    nll, kl = model.sequence_nll(tokens, targets, z), kl_divergence(mu, logvar)
+    if check_finite:
+        raise_if_non_finite("elbo_terms", Posterior(mu=mu, logvar=logvar, z=z, noise=noise, nll=nll, kl=kl),
+                            mu, logvar)
+    return nll, kl
 
 
 def eager_inner_loop(model, tokens, targets, steps: int, lr: float, schedule: str, weight_decay: float,
@@ -128,20 +74,32 @@ def eager_inner_loop(model, tokens, targets, steps: int, lr: float, schedule: st
     return Posterior(mu=mu, logvar=logvar, z=z, noise=noise, nll=nll, kl=kl)
 
 
-def infer_posterior(model, tokens, targets, steps: Optional[int] = None, lr: float = 0.34,
-                    schedule: str = "cosine", weight_decay: float = 0.01, mu=None, logvar=None, noise=None,
-                    generator: Optional[torch.Generator] = None) -> Posterior:
+def infer_posterior(model, tokens, targets, steps: Optional[int] = INNER_LOOP.steps, lr: float = INNER_LOOP.lr,
+                    schedule: str = INNER_LOOP.schedule, weight_decay: float = INNER_LOOP.weight_decay, mu=None, logvar=None, noise=None,
+                    generator: Optional[torch.Generator] = None, check_finite: bool = True) -> Posterior:
     """LTMDecoder.infer_posterior: the eager loop for backend="eager", else the engine (ltm.engine), cached
-    per model and loop shape (on CUDA its graph is captured on the first call of a shape and replayed after)."""
+    per model and loop shape (on CUDA its graph is captured on the first call of a shape and replayed after).
+    `check_finite`: raise NonFiniteError when the result holds nan/inf (checked once, after the loop)."""
+    if torch.is_inference_mode_enabled():
+        # The loop differentiates the decoder with respect to z, which inference tensors forbid: run it with
+        # inference mode off, on ordinary copies of the inputs; the results are ordinary tensors.
+        with torch.inference_mode(False):
+            tokens, targets, mu, logvar, noise = (x.clone() if isinstance(x, torch.Tensor) else x
+                                                  for x in (tokens, targets, mu, logvar, noise))
+            return infer_posterior(model, tokens, targets, steps, lr, schedule, weight_decay, mu, logvar, noise,
+                                   generator, check_finite)
     steps = model.cfg.t_fast if steps is None else steps
     check_loop_settings(steps, lr, schedule, weight_decay)
     tokens, targets, mu, logvar, noise = check_inputs(model, tokens, targets, mu, logvar, noise)
     if model.backend != "eager":
-        from ltm.engine import cached_inner_loop
-
         loop = cached_inner_loop(model, tokens.shape[0], tokens.shape[1], steps, lr, schedule, weight_decay)
-        return loop.run(tokens, targets, mu, logvar, noise, generator=generator, checked=True)
-    mu, logvar, noise = draw_latents(model, tokens.shape[0], mu, logvar, noise, generator)
-    # Clones: the loop updates in place and must never write into the caller's tensors.
-    return eager_inner_loop(model, tokens, targets, steps, lr, schedule, weight_decay,
-                            mu.detach().clone(), logvar.detach().clone(), noise.detach().clone())
+        post = loop.run(tokens, targets, mu, logvar, noise, generator=generator, checked=True)
+        mu, logvar = loop.mu0, loop.logvar0
+    else:
+        mu, logvar, noise = draw_latents(model, tokens.shape[0], mu, logvar, noise, generator)
+        # Clones: the loop updates in place and must never write into the caller's tensors.
+        post = eager_inner_loop(model, tokens, targets, steps, lr, schedule, weight_decay,
+                                mu.detach().clone(), logvar.detach().clone(), noise.detach().clone())
+    if check_finite:
+        raise_if_non_finite("infer_posterior", post, mu, logvar, steps, lr, schedule)
+    return post

@@ -20,14 +20,16 @@ import hashlib
 import operator
 import os
 import tempfile
-import uuid
 from dataclasses import dataclass, field
 from typing import Iterable
 
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
-ENCODINGS = ("gpt2", "bytes")
+from ltm.config import ENCODINGS
+from ltm.files import atomic_write_bytes
+
+VOCAB_SIZES = {"gpt2": 50258, "bytes": 258}  # ids of each encoding, BOS and EOS included
 BOS_TOKEN = "<|beginoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 
@@ -84,10 +86,7 @@ def _prefetch_gpt2_files(cache_dir: str) -> None:
         if hashlib.sha256(resp.content).hexdigest() != sha256:
             raise OSError(f"sha256 mismatch for {url} (corrupted download?)")
         os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.{uuid.uuid4()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(resp.content)
-        os.replace(tmp, path)
+        atomic_write_bytes(path, resp.content)
 
 
 def _load_gpt2() -> tiktoken.Encoding:
@@ -111,7 +110,7 @@ def _load_gpt2() -> tiktoken.Encoding:
         pat_str=_GPT2_PAT_STR,
         mergeable_ranks=ranks,
         special_tokens={EOS_TOKEN: 50256, BOS_TOKEN: 50257},
-        explicit_n_vocab=50258,
+        explicit_n_vocab=VOCAB_SIZES["gpt2"],
     )
 
 
@@ -122,7 +121,7 @@ def _load_bytes() -> tiktoken.Encoding:
         pat_str=r"[\s\S]{1,64}",
         mergeable_ranks={bytes([i]): i for i in range(256)},
         special_tokens={EOS_TOKEN: 256, BOS_TOKEN: 257},
-        explicit_n_vocab=258,
+        explicit_n_vocab=VOCAB_SIZES["bytes"],
     )
 
 
@@ -143,6 +142,14 @@ def check_encoding(expected: str, found: str, what: str) -> None:
             f"{what} was trained with tokenizer {expected!r} but {found!r} was given; "
             "a model is never run with a different tokenizer than it was trained with"
         )
+
+
+def check_vocab(cfg, what: str = "the model") -> None:
+    """Refuse a model config whose vocabulary cannot hold every id of its tokenizer (cfg.encoding)."""
+    need = VOCAB_SIZES[cfg.encoding]
+    if cfg.vocab_size < need:
+        raise ValueError(f"{what} has vocab_size={cfg.vocab_size}, smaller than the {need} ids of its tokenizer "
+                         f"{cfg.encoding!r}; use vocab_size >= {need} (or another encoding)")
 
 
 @dataclass(frozen=True)

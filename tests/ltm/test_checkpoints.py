@@ -78,4 +78,5 @@ def test_bare_state_dict_needs_or_infers_the_latent_count():
     loaded = LTMDecoder.from_published_checkpoint(odd.state_dict(), backend="eager", n_z=8, n_head=2, max_seq_len=64,
                                                   window_size=16)
     assert torch.equal(logits_of(loaded), logits_of(odd))
-    assert loaded.cfg.encoding == "gpt2"  # published checkpoints carry no tokenizer name: theirs is GPT-2
+    # Published checkpoints carry no tokenizer name; a vocabulary of exactly 258 ids is the byte tokenizer.
+    assert loaded.cfg.encoding == "bytes"

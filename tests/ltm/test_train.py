@@ -74,7 +74,7 @@ def test_truncated_checkpoint_gives_clear_error_and_is_not_overwritten(data, tmp
     with pytest.raises(ValueError, match="truncated"):
         train(config(data, tmp_path / "run", max_steps=4))
     assert result.checkpoint.read_bytes() == raw[: len(raw) // 2]  # left for the user to inspect
-    assert [p.name for p in result.checkpoint.parent.iterdir() if p.name.startswith(".")] == []  # no temp files
+    assert list(result.checkpoint.parent.glob(".ckpt.pt.*")) == []  # no temp files
 
 
 def test_non_finite_posterior_stops_with_a_checkpoint(data, tmp_path, monkeypatch):
@@ -126,7 +126,7 @@ def test_ddp_two_processes_equal_one_process_on_the_combined_batch(data, tmp_pat
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
                            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-                           "-m", "ltm.cli", "train", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                           "-m", "ltm", "train", *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = load_checkpoint(tmp_path / "ddp" / "ckpt.pt")
