@@ -6,11 +6,11 @@ Self-attention variants (q, k, v (B, H, N, hd), RoPE on q and k, causal window W
                     (N, N) boolean window mask
   sdpa-causal       RoPE in eager ops, SDPA `is_causal=True` (no window: more work, the fastest SDPA kernels)
   flex-window       RoPE in eager ops, `torch.compile`d FlexAttention with a sliding-window block mask
-  triton            `ltm_kernels.self_attention` (CUDA; RoPE inside the kernel, tiles outside the window skipped)
-  cpp               `ltm_kernels.attention_cpp.self_attention_cpp` (CPU; blocked window)
+  triton            `ltm_kernels.self_attention_triton` (CUDA; RoPE inside the kernel, tiles outside the window skipped)
+  cpp               `ltm_kernels.self_attention_cpp` (CPU; blocked window)
 Cross-attention variants (q (B, H, N, hd), k, v (B, H, M, hd), no mask):
   sdpa              the published path (`reference.latent_attention_ref`)
-  triton, cpp       `ltm_kernels.latent_attention`, `ltm_kernels.attention_cpp.latent_attention_cpp`
+  triton, cpp       `ltm_kernels.latent_attention_triton`, `ltm_kernels.latent_attention_cpp`
 
 FLOPs (self-attention) count the exact window: each query n sees min(n + 1, W) keys; forward = 4 hd keys
 per (batch, head) (QK^T and PV), backward = twice that (dV, dP, dQ, dK; the recomputation of P is not
@@ -96,7 +96,7 @@ def _kernel(name: str, op: str, device: torch.device):
     if name == "triton":
         if device.type != "cuda" or not ltm_kernels.triton_device_ok(device):
             raise Unavailable("the Triton kernels are benchmarked on CUDA only (the interpreter is for tests)")
-        return getattr(ltm_kernels, op)
+        return getattr(ltm_kernels, f"{op}_triton")
     if name == "cpp":
         if not ltm_kernels.has_op(op, device.type):
             raise Unavailable(f"the extension has no {device.type} kernel for ltm::{op} "

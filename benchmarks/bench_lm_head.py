@@ -2,8 +2,8 @@
 
 Variants, each computing the per-sequence summed NLL of logits = hidden @ W.T and its gradients:
   eager    `F.linear` + `F.cross_entropy` (`reference.lm_head_nll_ref`): full (tokens, V) logits
-  chunked  `chunked_linear_cross_entropy`: PyTorch, chunked over tokens (the eager/cpp backends' LM head)
-  triton   `linear_cross_entropy`: the same chunk loop with the Triton row kernels (CUDA only here)
+  chunked  `lm_head_nll_chunked`: PyTorch, chunked over tokens (the eager/cpp backends' LM head)
+  triton   `lm_head_nll_triton`: the same chunk loop with the Triton row kernels (CUDA only here)
   liger    Liger-Kernel's `LigerFusedLinearCrossEntropyLoss(reduction="sum")`, if importable (CUDA only;
            a scalar loss, so its time includes one loss for the whole batch rather than per sequence)
 Modes: `inner` (dH only: the inner loop, decoder frozen) and `train` (dH and dW: the decoder update).
@@ -32,8 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inner_loop import _slug, device_info, git_commit, synchronize, time_runs  # noqa: E402  (the environment record of every benchmark)
 
-from ltm_kernels import chunked_linear_cross_entropy, linear_cross_entropy, triton_device_ok  # noqa: E402
-from ltm_kernels.linear_cross_entropy import default_chunk_rows  # noqa: E402
+from ltm_kernels import lm_head_nll_chunked, lm_head_nll_triton, triton_device_ok  # noqa: E402
+from ltm_kernels.lm_head_nll import default_chunk_rows  # noqa: E402
 from ltm_kernels.reference import lm_head_nll_ref  # noqa: E402
 from ltm_kernels.testing import PeakMemory  # noqa: E402
 
@@ -59,11 +59,11 @@ def variant_fn(name: str, device: torch.device):
     if name == "eager":
         return lambda h, w, t, chunk_size=None: lm_head_nll_ref(h, w, t)
     if name == "chunked":
-        return chunked_linear_cross_entropy
+        return lm_head_nll_chunked
     if name == "triton":
         if device.type != "cuda" or not triton_device_ok(device):
             raise Unavailable("the Triton kernels are benchmarked on CUDA only (the interpreter is for tests)")
-        return linear_cross_entropy
+        return lm_head_nll_triton
     if name == "liger":
         if device.type != "cuda":
             raise Unavailable("Liger-Kernel runs on CUDA only")

@@ -1,5 +1,5 @@
 // CPU kernel of ltm::posterior_step (schema in ltm_ops.cpp, math and reference in
-// ltm_kernels/posterior_step.py and ltm_kernels/reference.py; schedule, AdamW and checks shared with the
+// ltm_kernels/posterior_step_cpp.py and ltm_kernels/reference.py; schedule, AdamW and checks shared with the
 // CUDA kernel in posterior_step.h). The step counter is read here on the host (free on CPU), the scheduled lr
 // computed in double, and the counter incremented after the update.
 //

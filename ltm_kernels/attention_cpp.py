@@ -65,7 +65,7 @@ def _self_attention_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)  # a statistic for the backward: self_attention_cpp returns only out
 
 
-def _self_attention_backward(ctx, grad_out, grad_lse):
+def _self_attention_backward(ctx, grad_out, _grad_lse):
     q, k, v, cos, sin, out, lse = ctx.saved_tensors
     dq, dk, dv = torch.ops.ltm.self_attention_backward(grad_out, q, k, v, cos, sin, out, lse, ctx.window)
     return dq, dk, dv, None, None, None
@@ -74,10 +74,10 @@ def _self_attention_backward(ctx, grad_out, grad_lse):
 def _latent_attention_setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(*inputs, out, lse)
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(lse)  # a statistic for the backward: latent_attention_cpp returns only out
 
 
-def _latent_attention_backward(ctx, grad_out, grad_lse):
+def _latent_attention_backward(ctx, grad_out, _grad_lse):
     q, k, v, cos_q, sin_q, cos_k, sin_k, out, lse = ctx.saved_tensors
     dq, dk, dv = torch.ops.ltm.latent_attention_backward(grad_out, q, k, v, cos_q, sin_q, cos_k, sin_k, out, lse)
     return dq, dk, dv, None, None, None, None
