@@ -7,9 +7,9 @@ chunked PyTorch LM head). The registered ops behind them are `torch.ops.ltm.<op>
 `torch.ops.ltm_triton.<op>` / `<op>_backward` (Triton) and `torch.ops.ltm_torch.lm_head_nll_chunked` /
 `..._backward`; each has a fake kernel (torch.compile) and, where differentiable, autograd.
 
-Importing this package needs neither the compiled extension `ltm_kernels._C` nor Triton;
-`extension_status()` says whether the extension loaded and, if not, why, and `triton_status()` whether
-the Triton kernels can run here. The `*_cpp` functionals need the extension.
+Importing this package loads the compiled extension `ltm_kernels._C` (so `torch.ops.ltm.*` exist at once)
+but needs neither it nor Triton: `extension_status()` says whether the extension loaded and, if not, why,
+and `triton_status()` whether the Triton kernels can run here. The `*_cpp` functionals need the extension.
 """
 
 from ._extension import extension_status, has_op
@@ -31,3 +31,7 @@ __all__ = ["add_rms_norm_ref", "add_rms_norm_triton", "extension_status", "has_o
            "posterior_step_triton", "rms_norm_ref", "rms_norm_triton", "scheduled_lr", "SCHEDULES",
            "self_attention_cpp", "self_attention_ref", "self_attention_triton", "swiglu_ref", "swiglu_triton",
            "triton_device_ok", "triton_status"]
+
+# Loaded here, not on first use: `torch.ops.ltm.*` then exist right after `import ltm_kernels`. A missing or
+# broken build is recorded for extension_status(), never raised.
+extension_status()

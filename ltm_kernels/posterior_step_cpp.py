@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ._extension import has_op, on_load, require_extension
+from .reference import check_posterior_step_args
 
 
 def _posterior_step_fake(
@@ -58,11 +59,14 @@ def posterior_step_cpp(
     """Fused `posterior_step_ref` through the compiled extension; same arguments, same in-place updates.
 
     The nine latent tensors share shape, dtype and device (float32/float64/bfloat16/float16); the seven
-    updated ones must be contiguous. `step`: int64, one element, on their device. `schedule`: index into
-    `reference.SCHEDULES`. Raises RuntimeError if the extension is not available.
+    updated ones must be contiguous. `step`: int64, one element, on their device. `schedule`: a name in
+    `reference.SCHEDULES` or its index. Raises RuntimeError if the extension is not available, ValueError
+    naming the argument and its range for a bad scalar (`reference.check_posterior_step_args`), and
+    RuntimeError from the op for bad tensors.
     """
     require_extension("posterior_step_cpp")
+    schedule = check_posterior_step_args(lr, total_steps, schedule, beta1, beta2, eps, weight_decay)
     torch.ops.ltm.posterior_step(
         mu, logvar, exp_avg_mu, exp_avg_sq_mu, exp_avg_logvar, exp_avg_sq_logvar, z, grad_z, noise, step,
-        float(lr), int(total_steps), int(schedule), float(beta1), float(beta2), float(eps), float(weight_decay),
+        float(lr), int(total_steps), schedule, float(beta1), float(beta2), float(eps), float(weight_decay),
     )

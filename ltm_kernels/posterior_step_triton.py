@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ._triton import TRITON_AVAILABLE, check_triton_tensor, tl, triton
-from .reference import SCHEDULES
+from .reference import check_posterior_step_args
 
 _NAMES = ("mu", "logvar", "exp_avg_mu", "exp_avg_sq_mu", "exp_avg_logvar", "exp_avg_sq_logvar", "z", "grad_z",
           "noise")
@@ -146,7 +146,9 @@ def posterior_step_triton(
     """`posterior_step_ref` as one Triton kernel; same arguments, same in-place updates (step incremented).
 
     The nine latent tensors: one shape, dtype (fp32 / bf16 / fp16) and device; the seven updated ones
-    contiguous. `step`: one-element int64 tensor on their device. No host synchronisation: graph-capturable.
+    contiguous. `step`: one-element int64 tensor on their device. `schedule`: a name in `reference.SCHEDULES`
+    or its index; the scalars are checked by `reference.check_posterior_step_args` (ValueError naming the
+    argument and its range). No host synchronisation: graph-capturable.
     """
     tensors = (mu, logvar, exp_avg_mu, exp_avg_sq_mu, exp_avg_logvar, exp_avg_sq_logvar, z, grad_z, noise)
     for name, t in zip(_NAMES, tensors):
@@ -160,12 +162,6 @@ def posterior_step_triton(
     if not (isinstance(step, Tensor) and step.dtype == torch.int64 and step.numel() == 1 and step.device == mu.device):
         raise ValueError(f"posterior_step: step must be a one-element int64 tensor on {mu.device} (the number of "
                          f"updates done), got {step!r}")
-    if not (isinstance(total_steps, int) and total_steps >= 1):
-        raise ValueError(f"posterior_step: total_steps must be an int >= 1, got {total_steps!r}")
-    if schedule not in range(len(SCHEDULES)):
-        raise ValueError(f"posterior_step: schedule must be an index into {SCHEDULES}, got {schedule!r}")
-    if not (lr >= 0 and 0 <= beta1 < 1 and 0 <= beta2 < 1 and eps > 0 and weight_decay >= 0):
-        raise ValueError(f"posterior_step: need lr >= 0, beta1 and beta2 in [0, 1), eps > 0, weight_decay >= 0; "
-                         f"got {lr}, {beta1}, {beta2}, {eps}, {weight_decay}")
-    torch.ops.ltm_triton.posterior_step(*tensors, step, float(lr), int(total_steps), int(schedule), float(beta1),
+    schedule = check_posterior_step_args(lr, total_steps, schedule, beta1, beta2, eps, weight_decay)
+    torch.ops.ltm_triton.posterior_step(*tensors, step, float(lr), int(total_steps), schedule, float(beta1),
                                         float(beta2), float(eps), float(weight_decay))
