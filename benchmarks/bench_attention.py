@@ -6,11 +6,11 @@ Self-attention variants (q, k, v (B, H, N, hd), RoPE on q and k, causal window W
                     (N, N) boolean window mask
   sdpa-causal       RoPE in eager ops, SDPA `is_causal=True` (no window: more work, the fastest SDPA kernels)
   flex-window       RoPE in eager ops, `torch.compile`d FlexAttention with a sliding-window block mask
-  triton            `ltm_kernels.self_attention` (CUDA; RoPE inside the kernel, tiles outside the window skipped)
-  cpp               `ltm_kernels.attention_cpp.self_attention_cpp` (CPU; blocked window)
+  triton            `ltm_kernels.self_attention_triton` (CUDA; RoPE inside the kernel, tiles outside the window skipped)
+  cpp               `ltm_kernels.self_attention_cpp` (CPU; blocked window)
 Cross-attention variants (q (B, H, N, hd), k, v (B, H, M, hd), no mask):
   sdpa              the published path (`reference.latent_attention_ref`)
-  triton, cpp       `ltm_kernels.latent_attention`, `ltm_kernels.attention_cpp.latent_attention_cpp`
+  triton, cpp       `ltm_kernels.latent_attention_triton`, `ltm_kernels.latent_attention_cpp`
 
 FLOPs (self-attention) count the exact window: each query n sees min(n + 1, W) keys; forward = 4 hd keys
 per (batch, head) (QK^T and PV), backward = twice that (dV, dP, dQ, dK; the recomputation of P is not
@@ -23,34 +23,23 @@ Every variant is checked against `sdpa-dense-mask` / `sdpa` (output and gradient
 
     python benchmarks/bench_attention.py                  # CUDA: 64 x 8 heads x 1024 tokens, hd 64, W 256, bf16
     python benchmarks/bench_attention.py --device cpu     # CPU: 4 x 4 x 512, W 128, M 4, fp32 (ltm-cpu)
-Writes benchmarks/results/attention_<device>_<date>.json (device, versions, commit, config, raw times).
+Writes benchmarks/results/attention_<device>_<date>.json (device, versions, commit, config, raw times); timing,
+environment and the result file are benchmarks/common.py's.
 """
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import statistics
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import DTYPES, Unavailable, environment, max_rel_error, median, time_runs, write_result
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from inner_loop import _slug, device_info, git_commit, time_runs  # noqa: E402
+import ltm_kernels
+from ltm_kernels import reference
 
-import ltm_kernels  # noqa: E402
-from ltm_kernels import reference  # noqa: E402
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SELF_VARIANTS = ("sdpa-dense-mask", "sdpa-causal", "flex-window", "triton", "cpp")
 CROSS_VARIANTS = ("sdpa", "triton", "cpp")
-DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class Unavailable(Exception):
-    """This variant cannot run here; the message says why."""
 
 
 # ---------------------------------------------------------------- variants
@@ -96,7 +85,7 @@ def _kernel(name: str, op: str, device: torch.device):
     if name == "triton":
         if device.type != "cuda" or not ltm_kernels.triton_device_ok(device):
             raise Unavailable("the Triton kernels are benchmarked on CUDA only (the interpreter is for tests)")
-        return getattr(ltm_kernels, op)
+        return getattr(ltm_kernels, f"{op}_triton")
     if name == "cpp":
         if not ltm_kernels.has_op(op, device.type):
             raise Unavailable(f"the extension has no {device.type} kernel for ltm::{op} "
@@ -127,13 +116,8 @@ def copy_bandwidth(device, numel=None) -> float:
     numel = numel or (1 << 28 if device.type == "cuda" else 1 << 24)
     src = torch.empty(numel, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
-    best = min(time_runs(lambda: dst.copy_(src), device, 8)[1:])
+    best = min(time_runs(lambda: dst.copy_(src), device, repeats=8, warmup=1))
     return 2 * src.numel() * src.element_size() / best
-
-
-def max_rel_error(got, want) -> float:
-    got, want = got.detach().double(), want.detach().double()
-    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
 
 
 def check_and_time(fn, inputs, want, args, device):
@@ -149,14 +133,11 @@ def check_and_time(fn, inputs, want, args, device):
         with torch.no_grad():
             fn(*inputs[:3], *inputs[3:])
 
-    for _ in range(args.warmup):
-        forward()
-    fwd = time_runs(forward, device, args.repeats)
+    fwd = time_runs(forward, device, args.repeats, args.warmup)
     out = fn(*leaves, *inputs[3:])
-    bwd = []
-    for _ in range(args.warmup + args.repeats):
-        bwd.append(time_runs(lambda: torch.autograd.grad(out, leaves, grad_out, retain_graph=True), device, 1)[0])
-    return errors, fwd, bwd[args.warmup:]
+    bwd = time_runs(lambda: torch.autograd.grad(out, leaves, grad_out, retain_graph=True), device, args.repeats,
+                    args.warmup)
+    return errors, fwd, bwd
 
 
 def reference_results(fn, inputs, grad_out):
@@ -194,7 +175,7 @@ def run_variants(kind, names, make_fn, inputs, grad_out, work, unit, args, devic
             print(f"  {kind} {name}: WRONG {errors}", flush=True)
             continue
         row = {"status": "ok", "max_rel_error": errors, "forward_times_s": fwd, "backward_times_s": bwd,
-               "forward_ms": 1e3 * statistics.median(fwd), "backward_ms": 1e3 * statistics.median(bwd)}
+               "forward_ms": 1e3 * median(fwd), "backward_ms": 1e3 * median(bwd)}
         for phase, amount in zip(("forward", "backward"), work):
             row[f"{phase}_{unit}"] = amount / (row[f"{phase}_ms"] / 1e3) / (1e12 if unit == "tflops" else 1e9)
         rows[name] = row
@@ -231,8 +212,9 @@ def parse_args(argv=None):
     p.add_argument("--latents", type=int, default=None, help="latents per layer M; default 8 CUDA / 4 CPU")
     p.add_argument("--self-variants", default=None, help=f"comma-separated subset of {SELF_VARIANTS}")
     p.add_argument("--cross-variants", default=None, help=f"comma-separated subset of {CROSS_VARIANTS}")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per phase (default 20 CUDA / 5 CPU)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=None,
+                   help="CPU: timed runs per phase (default 5); CUDA: do_bench times as many as fit in 100 ms")
+    p.add_argument("--warmup", type=int, default=2, help="CPU: untimed runs first (CUDA: do_bench's 25 ms)")
     p.add_argument("--check-rtol", type=float, default=None)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -271,9 +253,9 @@ def rope_tables(positions, head_dim, device):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    commit = git_commit()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    info = device_info(device)
+    env = environment(device)
+    info, commit = env["device"], env["commit"]
     B, H, N, hd, W, M = args.batch, args.heads, args.seq, args.head_dim, args.window, args.latents
     print(f"attention benchmark on {info['name']} ({device}), torch {info['torch']}, commit {commit}: "
           f"{B} x {H} heads x {N} tokens, hd {hd}, window {W}, {M} latents, {args.dtype}", flush=True)
@@ -304,18 +286,14 @@ def main(argv=None) -> dict:
     print_table(f"cross-attention, GB/s of compulsory traffic (copy bandwidth {bandwidth / 1e9:.1f} GB/s)", cross_rows,
                 "gbps", "GB/s", ".1f")
 
-    result = {"benchmark": "attention", "date": dt.datetime.now().isoformat(timespec="seconds"), "commit": commit,
-              "device": info, "dtype": args.dtype, "repeats": args.repeats, "warmup": args.warmup,
+    result = {"benchmark": "attention", **env, "dtype": args.dtype, "repeats": args.repeats, "warmup": args.warmup,
               "config": {"batch": B, "heads": H, "seq": N, "head_dim": hd, "window": W, "latents": M,
                          "self_attention_flops": dict(zip(("forward", "backward"),
                                                           self_attention_flops(B, H, N, hd, W))),
                          "latent_attention_bytes": dict(zip(("forward", "backward"), cross_bytes))},
               "copy_bandwidth_bytes_per_s": bandwidth,
               "self_attention": self_rows, "latent_attention": cross_rows}
-    out = args.out or RESULTS_DIR / f"attention_{_slug(info['name'])}_{dt.date.today()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, "attention", args.out)
     return result
 
 

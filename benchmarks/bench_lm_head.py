@@ -2,8 +2,8 @@
 
 Variants, each computing the per-sequence summed NLL of logits = hidden @ W.T and its gradients:
   eager    `F.linear` + `F.cross_entropy` (`reference.lm_head_nll_ref`): full (tokens, V) logits
-  chunked  `chunked_linear_cross_entropy`: PyTorch, chunked over tokens (the eager/cpp backends' LM head)
-  triton   `linear_cross_entropy`: the same chunk loop with the Triton row kernels (CUDA only here)
+  chunked  `lm_head_nll_chunked`: PyTorch, chunked over tokens (the eager/cpp backends' LM head)
+  triton   `lm_head_nll_triton`: the same chunk loop with the Triton row kernels (CUDA only here)
   liger    Liger-Kernel's `LigerFusedLinearCrossEntropyLoss(reduction="sum")`, if importable (CUDA only;
            a scalar loss, so its time includes one loss for the whole batch rather than per sequence)
 Modes: `inner` (dH only: the inner loop, decoder frozen) and `train` (dH and dW: the decoder update).
@@ -14,36 +14,24 @@ variants spend one more GEMM in `train` (logits recomputed for dW); TFLOP/s belo
 
     python benchmarks/bench_lm_head.py                    # CUDA: 65536 tokens, d 512, V 50258, bf16
     python benchmarks/bench_lm_head.py --device cpu       # CPU: 1024 tokens, d 256, fp32 (< 1 minute)
-Writes benchmarks/results/lm_head_<device>_<date>.json with the device, versions, commit, config, raw times.
+Writes benchmarks/results/lm_head_<device>_<date>.json with the device, versions, commit, config, raw times;
+timing, environment and the result file are benchmarks/common.py's.
 """
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
-import json
-import statistics
-import sys
-import time
 from pathlib import Path
 
 import torch
+from common import DTYPES, Unavailable, environment, max_rel_error, median, synchronize, time_runs, write_result
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from inner_loop import _slug, device_info, git_commit, synchronize, time_runs  # noqa: E402  (the environment record of every benchmark)
+from ltm_kernels import lm_head_nll_chunked, lm_head_nll_triton, triton_device_ok
+from ltm_kernels.lm_head_nll import default_chunk_rows
+from ltm_kernels.reference import lm_head_nll_ref
+from ltm_kernels.testing import PeakMemory
 
-from ltm_kernels import chunked_linear_cross_entropy, linear_cross_entropy, triton_device_ok  # noqa: E402
-from ltm_kernels.linear_cross_entropy import default_chunk_rows  # noqa: E402
-from ltm_kernels.reference import lm_head_nll_ref  # noqa: E402
-from ltm_kernels.testing import PeakMemory  # noqa: E402
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 VARIANTS = ("eager", "chunked", "triton", "liger")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class Unavailable(Exception):
-    """This variant cannot run here; the message says why."""
 
 
 def liger_loss():
@@ -59,11 +47,11 @@ def variant_fn(name: str, device: torch.device):
     if name == "eager":
         return lambda h, w, t, chunk_size=None: lm_head_nll_ref(h, w, t)
     if name == "chunked":
-        return chunked_linear_cross_entropy
+        return lm_head_nll_chunked
     if name == "triton":
         if device.type != "cuda" or not triton_device_ok(device):
             raise Unavailable("the Triton kernels are benchmarked on CUDA only (the interpreter is for tests)")
-        return linear_cross_entropy
+        return lm_head_nll_triton
     if name == "liger":
         if device.type != "cuda":
             raise Unavailable("Liger-Kernel runs on CUDA only")
@@ -89,14 +77,6 @@ def step(fn, hidden, weight, targets, mode, chunk_size):
     return loss.detach(), grads[0], grads[1] if mode == "train" else None
 
 
-def time_ms(run, device, repeats, warmup) -> list[float]:
-    for _ in range(warmup):
-        run()
-    return [1e3 * t for t in time_runs(run, device, repeats)]
-
-
-
-
 def peak_bytes(run, device) -> int:
     """Peak memory allocated by one run beyond what was allocated before it."""
     gc.collect()
@@ -112,10 +92,6 @@ def peak_bytes(run, device) -> int:
     return mem.peak
 
 
-def max_rel_error(got, want) -> float:
-    return float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30))
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -127,8 +103,9 @@ def parse_args(argv=None):
     p.add_argument("--chunk-size", type=int, default=None, help="rows per chunk (default: default_chunk_rows)")
     p.add_argument("--modes", default="inner,train")
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--repeats", type=int, default=None, help="timed runs (default 20 on CUDA, 3 on CPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 3 on CUDA, 1 on CPU)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="CPU: timed runs (default 3); CUDA: do_bench times as many as fit in 100 ms")
+    p.add_argument("--warmup", type=int, default=None, help="CPU: untimed runs first (default 1; CUDA: 25 ms)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -143,15 +120,15 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    commit = git_commit()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    env = environment(device)
     hidden, weight, targets = make_inputs(args, device, dtype)
     chunk = args.chunk_size or default_chunk_rows(args.tokens, args.d, args.vocab)
     gemm_flops = 2 * args.tokens * args.d * args.vocab
     config = dict(tokens=args.tokens, batch=args.batch, d=args.d, vocab=args.vocab, dtype=args.dtype,
                   chunk_rows=chunk, repeats=args.repeats, warmup=args.warmup, gemm_flops=gemm_flops,
                   logits_bytes_full=args.tokens * args.vocab * dtype.itemsize)
-    print(f"LM head + CE on {device_info(device).get('name')}: tokens {args.tokens} (B {args.batch}), d {args.d}, "
+    print(f"LM head + CE on {env['device']['name']}: tokens {args.tokens} (B {args.batch}), d {args.d}, "
           f"V {args.vocab}, {args.dtype}, chunk {chunk} rows; full logits would be "
           f"{config['logits_bytes_full'] / 2**30:.2f} GiB")
     runs = {}
@@ -170,13 +147,13 @@ def main(argv=None) -> dict:
                     errors = {k: max_rel_error(a, b) for k, a, b in zip(("nll", "dH", "dW"), got, want)
                               if a is not None}
                     row["max_rel_error_vs_eager"] = errors
-                    limit = 1e-4 if dtype == torch.float32 else 5e-2
+                    limit = 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
                     if max(errors.values()) > limit:
                         raise Unavailable(f"WRONG: differs from eager by {errors} (limit {limit})")
                 del got
                 row["peak_bytes"] = peak_bytes(run, device)
-                row["times_ms"] = time_ms(run, device, args.repeats, args.warmup)
-                row["median_ms"] = statistics.median(row["times_ms"])
+                row["times_ms"] = [1e3 * t for t in time_runs(run, device, args.repeats, args.warmup)]
+                row["median_ms"] = median(row["times_ms"])
                 row["tflops"] = flops / row["median_ms"] / 1e9
                 row["status"] = "ok"
             except Unavailable as err:
@@ -200,13 +177,8 @@ def main(argv=None) -> dict:
                 continue
             print(f"{name:10s} {row['median_ms']:10.2f} {row['tflops']:8.2f} {row['peak_bytes'] / 2**20:9.1f} "
                   f"{row.get('speedup_vs_eager', float('nan')):7.2f}x {row.get('memory_ratio_vs_eager', float('nan')):6.1f}x")
-    info = device_info(device)
-    result = dict(benchmark="lm_head", commit=commit, date=dt.datetime.now().isoformat(timespec="seconds"),
-                  device=info, config=config, runs=runs)
-    out = args.out or RESULTS_DIR / f"lm_head_{_slug(info.get('name', device.type))}_{dt.date.today()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    result = dict(benchmark="lm_head", **env, config=config, runs=runs)
+    write_result(result, "lm_head", args.out)
     return result
 
 

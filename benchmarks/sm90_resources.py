@@ -43,7 +43,7 @@ from ltm import LTMConfig  # noqa: E402
 from ltm.posterior import ADAM_BETAS  # noqa: E402
 # the kernel modules (ltm_kernels' attributes of the same names are the public functions)
 la, lce, pst, rms, sa, swi = (importlib.import_module(f"ltm_kernels.{name}") for name in (
-    "latent_attention", "linear_cross_entropy", "posterior_step_triton", "rms_norm", "self_attention", "swiglu"))
+    "latent_attention", "lm_head_nll", "posterior_step_triton", "rms_norm", "self_attention", "swiglu"))
 
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory one program (thread block) may use on sm_90
 SMS = 132  # H100 SXM / H200: the SM count the launchers size grids with (sm_count)

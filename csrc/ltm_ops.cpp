@@ -11,7 +11,7 @@ TORCH_LIBRARY(ltm, m) {
   // from lr to lr / 10 over total_steps; ltm_kernels.reference.scheduled_lr) and increments the counter.
   // Why a device counter and not host `lr, step` scalars: a CUDA graph freezes scalar arguments at capture,
   // so the whole T-step inner loop could not be one graph; with the counter, every step's launch is the
-  // same and the graph replays all T of them. See ltm_kernels/posterior_step.py.
+  // same and the graph replays all T of them. See ltm_kernels/posterior_step_cpp.py.
   m.def(
       "posterior_step(Tensor(a!) mu, Tensor(b!) logvar, Tensor(c!) exp_avg_mu, Tensor(d!) exp_avg_sq_mu, "
       "Tensor(e!) exp_avg_logvar, Tensor(f!) exp_avg_sq_logvar, Tensor(g!) z, Tensor grad_z, Tensor noise, "

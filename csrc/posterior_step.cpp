@@ -1,5 +1,5 @@
 // CPU kernel of ltm::posterior_step (schema in ltm_ops.cpp, math and reference in
-// ltm_kernels/posterior_step.py and ltm_kernels/reference.py; schedule, AdamW and checks shared with the
+// ltm_kernels/posterior_step_cpp.py and ltm_kernels/reference.py; schedule, AdamW and checks shared with the
 // CUDA kernel in posterior_step.h). The step counter is read here on the host (free on CPU), the scheduled lr
 // computed in double, and the counter incremented after the update.
 //
@@ -101,11 +101,16 @@ void check_posterior_step_inputs(const std::array<const at::Tensor*, 9>& ts,
   TORCH_CHECK(total_steps >= 1, "posterior_step: total_steps must be >= 1, got ", total_steps);
   TORCH_CHECK(schedule == kCosine || schedule == kLinear || schedule == kConstant,
               "posterior_step: schedule must be 0 (cosine), 1 (linear) or 2 (constant), got ", schedule);
-  TORCH_CHECK(lr >= 0, "posterior_step: lr must be >= 0, got ", lr);
-  TORCH_CHECK(beta1 >= 0 && beta1 < 1, "posterior_step: beta1 must be in [0, 1), got ", beta1);
-  TORCH_CHECK(beta2 >= 0 && beta2 < 1, "posterior_step: beta2 must be in [0, 1), got ", beta2);
-  TORCH_CHECK(eps > 0, "posterior_step: eps must be > 0, got ", eps);
-  TORCH_CHECK(weight_decay >= 0, "posterior_step: weight_decay must be >= 0, got ", weight_decay);
+  // inf passes the range checks (and NaN fails them with a misleading message): finiteness first. An inf lr or
+  // weight_decay makes the latents non-finite; an inf eps makes the update a silent no-op.
+  TORCH_CHECK(std::isfinite(lr) && lr >= 0, "posterior_step: lr must be a finite number >= 0, got ", lr);
+  TORCH_CHECK(std::isfinite(beta1) && beta1 >= 0 && beta1 < 1,
+              "posterior_step: beta1 must be a finite number in [0, 1), got ", beta1);
+  TORCH_CHECK(std::isfinite(beta2) && beta2 >= 0 && beta2 < 1,
+              "posterior_step: beta2 must be a finite number in [0, 1), got ", beta2);
+  TORCH_CHECK(std::isfinite(eps) && eps > 0, "posterior_step: eps must be a finite number > 0, got ", eps);
+  TORCH_CHECK(std::isfinite(weight_decay) && weight_decay >= 0,
+              "posterior_step: weight_decay must be a finite number >= 0, got ", weight_decay);
 }
 
 namespace {

@@ -15,8 +15,8 @@ Backends (DESIGN section 4):
              CUDA (half and fp32 tensors), the extension where built (and oneDNN linears on CPU), else
              eager. Never the interpreter.
 
-The eager LM head (`lm_head_nll` of eager, and of cpp / auto where the extension has no kernel) is the chunked PyTorch loss
-`ltm_kernels.chunked_linear_cross_entropy`, so no backend materialises (B*N, V) logits;
+The eager LM head (`lm_head_nll` of eager, and of cpp / auto where the extension has no kernel) is the
+chunked PyTorch loss `ltm_kernels.lm_head_nll_chunked`, so no backend materialises (B*N, V) logits;
 `reference.lm_head_nll_ref` remains the readable definition the tests compare against.
 
 `ltm/` reaches the kernels only through this module; the kernels know nothing of the model.
@@ -64,13 +64,13 @@ _EAGER = dict(
     swiglu=reference.swiglu_ref,
     self_attention=reference.self_attention_ref,
     latent_attention=reference.latent_attention_ref,
-    lm_head_nll=ltm_kernels.chunked_linear_cross_entropy,
+    lm_head_nll=ltm_kernels.lm_head_nll_chunked,
     posterior_step=reference.posterior_step_ref,
 )
 
 # Ops the C++ extension implements, by name (schema `ltm::<name>`, except add_rms_norm: `ltm::rms_norm` with a
 # residual); the functional wrappers live in ltm_kernels.
-_CPP = dict(posterior_step=ltm_kernels.posterior_step,
+_CPP = dict(posterior_step=ltm_kernels.posterior_step_cpp,
             self_attention=ltm_kernels.self_attention_cpp,
             latent_attention=ltm_kernels.latent_attention_cpp,
             lm_head_nll=ltm_kernels.lm_head_nll_cpp,
@@ -93,12 +93,12 @@ def _linear_onednn_else_eager(x, weight):
 
 # Ops with a Triton kernel; the first argument's dtype decides whether `auto` may use it.
 _TRITON = dict(
-    rms_norm=ltm_kernels.rms_norm,
-    add_rms_norm=ltm_kernels.add_rms_norm,
-    swiglu=ltm_kernels.swiglu,
-    self_attention=ltm_kernels.self_attention,
-    latent_attention=ltm_kernels.latent_attention,
-    lm_head_nll=ltm_kernels.linear_cross_entropy,
+    rms_norm=ltm_kernels.rms_norm_triton,
+    add_rms_norm=ltm_kernels.add_rms_norm_triton,
+    swiglu=ltm_kernels.swiglu_triton,
+    self_attention=ltm_kernels.self_attention_triton,
+    latent_attention=ltm_kernels.latent_attention_triton,
+    lm_head_nll=ltm_kernels.lm_head_nll_triton,
 )
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -66,7 +66,7 @@ def _self_attention_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)  # a statistic for the backward: self_attention_cpp returns only out
 
 
-def _self_attention_backward(ctx, grad_out, grad_lse):
+def _self_attention_backward(ctx, grad_out, _grad_lse):
     q, k, v, cos, sin, out, lse = ctx.saved_tensors
     dq, dk, dv = torch.ops.ltm.self_attention_backward(grad_out, q, k, v, cos, sin, out, lse, ctx.window)
     return dq, dk, dv, None, None, None
@@ -75,10 +75,10 @@ def _self_attention_backward(ctx, grad_out, grad_lse):
 def _latent_attention_setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(*inputs, out, lse)
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(lse)  # a statistic for the backward: latent_attention_cpp returns only out
 
 
-def _latent_attention_backward(ctx, grad_out, grad_lse):
+def _latent_attention_backward(ctx, grad_out, _grad_lse):
     q, k, v, cos_q, sin_q, cos_k, sin_k, out, lse = ctx.saved_tensors
     q_grad = ctx.needs_input_grad[0]  # False for the inner loop's layer 0, whose query is computed once
     dq, dk, dv = torch.ops.ltm.latent_attention_backward(grad_out, q, k, v, cos_q, sin_q, cos_k, sin_k, out, lse,

@@ -1,4 +1,4 @@
-"""latent_attention: tokens cross-attend to the M (<= 64) latent vectors of their layer, RoPE inside.
+"""latent_attention_triton: tokens cross-attend to the M (<= 64) latent vectors of their layer, RoPE inside.
 
 For queries q (B, H, N, hd), latent keys and values k, v (B, H, M, hd), and RoPE tables cos_q, sin_q
 (N, hd/2) at the token positions and cos_k, sin_k (M, hd/2) at the latent positions:
@@ -42,7 +42,7 @@ and spill report for sm_90), not autotuned: no benchmarking on first use, no hos
 the op can be captured in a CUDA graph at any time (also with a shape seen first during capture, e.g.
 N = 1 for KV-cache decoding), and the chunking, hence the gradients' bits, never depends on timing.
 
-Registered as `torch.ops.ltm_triton.latent_attention_fwd` (-> out, lse) and `latent_attention_bwd`
+Registered as `torch.ops.ltm_triton.latent_attention` (-> out, lse) and `latent_attention_backward`
 (-> dq, dk, dv), custom ops with fake kernels and autograd, so torch.compile traces through them (no
 graph break) and CUDA graphs capture them. Only q, k, v get gradients; the RoPE tables get None.
 """
@@ -305,28 +305,30 @@ def _latent_attention_bwd(grad_out, q, k, v, cos_q, sin_q, cos_k, sin_k, out, ls
 
 
 # ------------------------------------------------------------------------------------------ registration
-@torch.library.custom_op("ltm_triton::latent_attention_fwd", mutates_args=())
-def latent_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cos_q: Tensor, sin_q: Tensor, cos_k: Tensor,
+# ltm_triton::latent_attention(q, k, v, cos_q, sin_q, cos_k, sin_k) -> (out, lse) and
+# ltm_triton::latent_attention_backward(grad_out, q, k, v, cos_q, sin_q, cos_k, sin_k, out, lse) -> (dq, dk, dv):
+# opaque ops for torch.compile and CUDA graphs, autograd from Python. Inputs as `latent_attention_triton` checks;
+# lse (B, H, N) fp32 is the base-2 logsumexp of the scaled scores (see the module docstring).
+@torch.library.custom_op("ltm_triton::latent_attention", mutates_args=())
+def _latent_attention_op(q: Tensor, k: Tensor, v: Tensor, cos_q: Tensor, sin_q: Tensor, cos_k: Tensor,
                          sin_k: Tensor) -> tuple[Tensor, Tensor]:
-    """(out, lse): out like q, lse (B, H, N) fp32 base-2 logsumexp of the scaled scores (see the module
-    docstring). Inputs as validated by `latent_attention`."""
     return _latent_attention_fwd(q, k, v, cos_q, sin_q, cos_k, sin_k)
 
 
-@latent_attention_fwd.register_fake
+@torch.library.register_fake("ltm_triton::latent_attention")
 def _(q, k, v, cos_q, sin_q, cos_k, sin_k):
     B, H, N, _ = q.shape
     return torch.empty_like(q), q.new_empty((B, H, N), dtype=torch.float32)
 
 
-@torch.library.custom_op("ltm_triton::latent_attention_bwd", mutates_args=())
-def latent_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, cos_q: Tensor, sin_q: Tensor,
-                         cos_k: Tensor, sin_k: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) from the upstream gradient of out and the forward's inputs, out and lse."""
+@torch.library.custom_op("ltm_triton::latent_attention_backward", mutates_args=())
+def _latent_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, cos_q: Tensor, sin_q: Tensor,
+                                  cos_k: Tensor, sin_k: Tensor, out: Tensor, lse: Tensor
+                                  ) -> tuple[Tensor, Tensor, Tensor]:
     return _latent_attention_bwd(grad_out, q, k, v, cos_q, sin_q, cos_k, sin_k, out, lse)
 
 
-@latent_attention_bwd.register_fake
+@torch.library.register_fake("ltm_triton::latent_attention_backward")
 def _(grad_out, q, k, v, cos_q, sin_q, cos_k, sin_k, out, lse):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
@@ -334,16 +336,17 @@ def _(grad_out, q, k, v, cos_q, sin_q, cos_k, sin_k, out, lse):
 def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(*inputs, out, lse)
-    ctx.mark_non_differentiable(lse)  # an internal statistic: latent_attention returns only out
+    ctx.mark_non_differentiable(lse)  # a statistic for the backward: latent_attention_triton returns only out
 
 
-def _backward(ctx, grad_out, grad_lse):
+def _backward(ctx, grad_out, _grad_lse):
     q, k, v, cos_q, sin_q, cos_k, sin_k, out, lse = ctx.saved_tensors
-    dq, dk, dv = latent_attention_bwd(grad_out, q, k, v, cos_q, sin_q, cos_k, sin_k, out, lse)
+    dq, dk, dv = torch.ops.ltm_triton.latent_attention_backward(grad_out, q, k, v, cos_q, sin_q, cos_k, sin_k,
+                                                                out, lse)
     return dq, dk, dv, None, None, None, None
 
 
-latent_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("ltm_triton::latent_attention", _backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------------------------- functional
@@ -384,8 +387,8 @@ def _check(q, k, v, cos_q, sin_q, cos_k, sin_k) -> None:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
 
 
-def latent_attention(q: Tensor, k: Tensor, v: Tensor, cos_q: Tensor, sin_q: Tensor, cos_k: Tensor,
-                     sin_k: Tensor) -> Tensor:
+def latent_attention_triton(q: Tensor, k: Tensor, v: Tensor, cos_q: Tensor, sin_q: Tensor, cos_k: Tensor,
+                            sin_k: Tensor) -> Tensor:
     """Fused `reference.latent_attention_ref`: softmax(rope(q) rope(k)^T / sqrt(hd)) v, no mask.
 
     q (B, H, N, hd), k and v (B, H, M, hd) with 1 <= M <= 64 and hd in (32, 64, 128); one dtype among
@@ -396,4 +399,4 @@ def latent_attention(q: Tensor, k: Tensor, v: Tensor, cos_q: Tensor, sin_q: Tens
     """
     _check(q, k, v, cos_q, sin_q, cos_k, sin_k)
     cos_q, sin_q, cos_k, sin_k = (t.to(torch.float32) for t in (cos_q, sin_q, cos_k, sin_k))
-    return latent_attention_fwd(q, k, v, cos_q, sin_q, cos_k, sin_k)[0]
+    return torch.ops.ltm_triton.latent_attention(q, k, v, cos_q, sin_q, cos_k, sin_k)[0]

@@ -1,5 +1,6 @@
-"""posterior_step in Triton: the same op as `ltm_kernels.posterior_step` (math in its docstring, eager
-reference `reference.posterior_step_ref`), one kernel per step, for CUDA tensors (or CPU tensors under
+"""posterior_step_triton: the same op as `ltm_kernels.posterior_step_cpp` (math in posterior_step_cpp.py, eager
+reference `reference.posterior_step_ref`), registered as `torch.ops.ltm_triton.posterior_step` (the schema of
+ltm::posterior_step, mutations declared), one kernel per step, for CUDA tensors (or CPU tensors under
 TRITON_INTERPRET=1) in fp32 / bf16 / fp16, computing in fp32.
 
 Bytes: reads 8 and writes 7 tensors of (B, n_z, d) once, 60 bytes per element in fp32; the eager reference
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ._triton import TRITON_AVAILABLE, check_triton_tensor, tl, triton
-from .reference import SCHEDULES
+from .reference import check_posterior_step_args
 
 _NAMES = ("mu", "logvar", "exp_avg_mu", "exp_avg_sq_mu", "exp_avg_logvar", "exp_avg_sq_logvar", "z", "grad_z",
           "noise")
@@ -109,6 +110,32 @@ if TRITON_AVAILABLE:
         return p + tl.div_rn(neg_step_size * m, denom), m, v
 
 
+# ------------------------------------------------------------------------------------------ registration
+# ltm_triton::posterior_step: the schema of ltm::posterior_step (csrc/ltm_ops.cpp), mutations declared; no
+# autograd (an optimizer step, run under no_grad). Inputs as `posterior_step_triton` checks them.
+@torch.library.custom_op("ltm_triton::posterior_step",
+                         mutates_args=("mu", "logvar", "exp_avg_mu", "exp_avg_sq_mu", "exp_avg_logvar",
+                                       "exp_avg_sq_logvar", "z", "step"))
+def _posterior_step_op(mu: Tensor, logvar: Tensor, exp_avg_mu: Tensor, exp_avg_sq_mu: Tensor, exp_avg_logvar: Tensor,
+                       exp_avg_sq_logvar: Tensor, z: Tensor, grad_z: Tensor, noise: Tensor, step: Tensor, lr: float,
+                       total_steps: int, schedule: int, beta1: float, beta2: float, eps: float,
+                       weight_decay: float) -> None:
+    n = mu.numel()
+    lerp_from_m = bool(np.float32(1 - beta1) < 0.5)  # as the kernel rounds it
+    grid = (max(triton.cdiv(n, _BLOCK), 1),)  # at least one program: the counter must advance
+    _posterior_step_kernel[grid](
+        mu, logvar, exp_avg_mu, exp_avg_sq_mu, exp_avg_logvar, exp_avg_sq_logvar, z, grad_z.contiguous(),
+        noise.contiguous(), step, n, total_steps, lr, beta1, beta2, eps, weight_decay,
+        SCHEDULE=schedule, LERP_FROM_M=lerp_from_m, BLOCK=_BLOCK, num_warps=4)
+
+
+@torch.library.register_fake("ltm_triton::posterior_step")
+def _(mu, logvar, exp_avg_mu, exp_avg_sq_mu, exp_avg_logvar, exp_avg_sq_logvar, z, grad_z, noise, step, lr,
+      total_steps, schedule, beta1, beta2, eps, weight_decay):
+    return None  # mutates its inputs in place and returns nothing: no output metadata to describe
+
+
+# ------------------------------------------------------------------------------------------- functional
 def posterior_step_triton(
     mu: Tensor, logvar: Tensor,
     exp_avg_mu: Tensor, exp_avg_sq_mu: Tensor, exp_avg_logvar: Tensor, exp_avg_sq_logvar: Tensor,
@@ -119,7 +146,9 @@ def posterior_step_triton(
     """`posterior_step_ref` as one Triton kernel; same arguments, same in-place updates (step incremented).
 
     The nine latent tensors: one shape, dtype (fp32 / bf16 / fp16) and device; the seven updated ones
-    contiguous. `step`: one-element int64 tensor on their device. No host synchronisation: graph-capturable.
+    contiguous. `step`: one-element int64 tensor on their device. `schedule`: a name in `reference.SCHEDULES`
+    or its index; the scalars are checked by `reference.check_posterior_step_args` (ValueError naming the
+    argument and its range). No host synchronisation: graph-capturable.
     """
     tensors = (mu, logvar, exp_avg_mu, exp_avg_sq_mu, exp_avg_logvar, exp_avg_sq_logvar, z, grad_z, noise)
     for name, t in zip(_NAMES, tensors):
@@ -133,17 +162,6 @@ def posterior_step_triton(
     if not (isinstance(step, Tensor) and step.dtype == torch.int64 and step.numel() == 1 and step.device == mu.device):
         raise ValueError(f"posterior_step: step must be a one-element int64 tensor on {mu.device} (the number of "
                          f"updates done), got {step!r}")
-    if not (isinstance(total_steps, int) and total_steps >= 1):
-        raise ValueError(f"posterior_step: total_steps must be an int >= 1, got {total_steps!r}")
-    if schedule not in range(len(SCHEDULES)):
-        raise ValueError(f"posterior_step: schedule must be an index into {SCHEDULES}, got {schedule!r}")
-    if not (lr >= 0 and 0 <= beta1 < 1 and 0 <= beta2 < 1 and eps > 0 and weight_decay >= 0):
-        raise ValueError(f"posterior_step: need lr >= 0, beta1 and beta2 in [0, 1), eps > 0, weight_decay >= 0; "
-                         f"got {lr}, {beta1}, {beta2}, {eps}, {weight_decay}")
-    n = mu.numel()
-    lerp_from_m = bool(np.float32(1 - beta1) < 0.5)  # as the kernel rounds it
-    grid = (max(triton.cdiv(n, _BLOCK), 1),)  # at least one program: the counter must advance
-    _posterior_step_kernel[grid](
-        mu, logvar, exp_avg_mu, exp_avg_sq_mu, exp_avg_logvar, exp_avg_sq_logvar, z, grad_z.contiguous(),
-        noise.contiguous(), step, n, int(total_steps), float(lr), float(beta1), float(beta2), float(eps),
-        float(weight_decay), SCHEDULE=int(schedule), LERP_FROM_M=lerp_from_m, BLOCK=_BLOCK, num_warps=4)
+    schedule = check_posterior_step_args(lr, total_steps, schedule, beta1, beta2, eps, weight_decay)
+    torch.ops.ltm_triton.posterior_step(*tensors, step, float(lr), int(total_steps), schedule, float(beta1),
+                                        float(beta2), float(eps), float(weight_decay))

@@ -4,6 +4,7 @@ benchmarks and the CPU fallback share. Plain tensor ops, no fusion, readable fir
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,34 @@ def kl_ref(mu: Tensor, logvar: Tensor) -> Tensor:
     return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
 
 
-SCHEDULES = ("cosine", "linear", "constant")  # posterior_step's `schedule` argument is an index into this
+SCHEDULES = ("cosine", "linear", "constant")  # posterior_step's `schedule`: an index into this, or the name
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def check_posterior_step_args(lr, total_steps, schedule, beta1, beta2, eps, weight_decay) -> int:
+    """Validate posterior_step's scalar arguments, naming the bad one and its range (every implementation's
+    wrapper calls this before touching a tensor); returns the schedule as its index into SCHEDULES, which
+    may be given by name ("cosine") or index (0)."""
+    if isinstance(schedule, str) and schedule in SCHEDULES:
+        schedule = SCHEDULES.index(schedule)
+    elif isinstance(schedule, bool) or not isinstance(schedule, numbers.Integral) or schedule not in range(3):
+        raise ValueError(f"posterior_step: schedule must be one of {SCHEDULES} or its index 0, 1, 2; "
+                         f"got {schedule!r}")
+    if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral) or total_steps < 1:
+        raise ValueError(f"posterior_step: total_steps must be an int >= 1 (the number of updates the schedule "
+                         f"spans), got {total_steps!r}")
+    ranges = (("lr", lr, "a finite number >= 0", lambda x: x >= 0),
+              ("beta1", beta1, "a finite number in [0, 1)", lambda x: 0 <= x < 1),
+              ("beta2", beta2, "a finite number in [0, 1)", lambda x: 0 <= x < 1),
+              ("eps", eps, "a finite number > 0", lambda x: x > 0),
+              ("weight_decay", weight_decay, "a finite number >= 0", lambda x: x >= 0))
+    for name, value, allowed, ok in ranges:
+        if not (_is_real(value) and math.isfinite(value) and ok(value)):
+            raise ValueError(f"posterior_step: {name} must be {allowed}, got {value!r}")
+    return int(schedule)
 
 
 def scheduled_lr(step, total: int, lr: float, schedule: str):
@@ -65,8 +93,10 @@ def posterior_step_ref(
     grad_z is dCE/dz at the current sample z = mu + noise * exp(logvar / 2). `step` is a one-element int64
     tensor holding the number of updates done so far, t: this is update t + 1 (AdamW's 1-based step) at
     `scheduled_lr(t, total_steps, lr, SCHEDULES[schedule])`, and `step` is incremented. Updates mu, logvar, the
-    four moments, z and step in place. Only tensor ops, no host read: a CUDA graph can capture it.
+    four moments, z and step in place. Only tensor ops, no host read: a CUDA graph can capture it. The
+    scalars are checked as the fused ops check them (`check_posterior_step_args`).
     """
+    schedule = check_posterior_step_args(lr, total_steps, schedule, beta1, beta2, eps, weight_decay)
     t = step.reshape(()).to(torch.float64)
     lr_t = scheduled_lr(t, total_steps, lr, SCHEDULES[schedule])
     sigma = torch.exp(0.5 * logvar)
@@ -123,7 +153,10 @@ def sliding_window_mask(n_tokens: int, window: int, device=None) -> torch.Tensor
 
 
 def self_attention_ref(q, k, v, cos, sin, window: int) -> torch.Tensor:
-    """Causal sliding-window attention with RoPE on q and k; q, k, v: (B, H, N, hd)."""
+    """Causal sliding-window attention with RoPE on q and k; q, k, v: (B, H, N, hd). Query i sees keys
+    i - window < j <= i, so window >= 1 (a query always sees itself), as the fused ops require."""
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+        raise ValueError(f"window must be an int >= 1 (query i sees keys i - window < j <= i), got {window!r}")
     mask = sliding_window_mask(q.shape[-2], window, q.device)
     return F.scaled_dot_product_attention(apply_rope_ref(q, cos, sin), apply_rope_ref(k, cos, sin), v,
                                           attn_mask=mask)

@@ -1,4 +1,4 @@
-"""rms_norm / add_rms_norm: RMSNorm, optionally fused with the residual add before it.
+"""rms_norm_triton / add_rms_norm_triton: RMSNorm, optionally fused with the residual add before it.
 
 For rows x (..., D), weight w (D,), and optionally a residual branch r:
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ._triton import TRITON_AVAILABLE, check_triton_tensor, grad_wanted, sm_count, tl, triton
 
@@ -100,33 +99,108 @@ def _rms_norm_bwd(h: Tensor, weight: Tensor, rstd: Tensor, dy: Tensor, dh_out: T
     return dx, None if dw is None else dw.sum(0).to(weight.dtype)
 
 
-class _RMSNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, residual, eps):  # tensors first: grad_wanted indexes the tensor inputs
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).contiguous()
-        r2 = None if residual is None else residual.reshape(-1, shape[-1]).contiguous()
-        y, h, rstd = _rms_norm_fwd(x2, r2, weight.contiguous(), eps)
-        ctx.save_for_backward(x2 if h is None else h, weight, rstd)
-        ctx.has_residual, ctx.shape = residual is not None, shape
-        ctx.set_materialize_grads(False)
-        if h is None:
-            return y.view(shape)
-        return y.view(shape), h.view(shape)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy, dh_out=None):
-        h, weight, rstd = ctx.saved_tensors
-        D = h.shape[-1]
-        dy = torch.zeros_like(h) if dy is None else dy.reshape(-1, D).contiguous()
-        dh_out = None if dh_out is None else dh_out.reshape(-1, D).contiguous()
-        dx, dw = _rms_norm_bwd(h, weight.contiguous(), rstd, dy, dh_out, grad_wanted(ctx, 1))
-        dx = dx.view(ctx.shape)
-        dr = dx if ctx.has_residual and ctx.needs_input_grad[2] else None
-        return dx, dw, dr, None
+# ------------------------------------------------------------------------------------------ registration
+# Four opaque ops for torch.compile and CUDA graphs, autograd from Python:
+#   ltm_triton::rms_norm(x, weight, eps) -> (y, rstd)
+#   ltm_triton::rms_norm_backward(grad_y, x, weight, rstd, compute_grad_weight) -> (grad_x, grad_weight)
+#   ltm_triton::add_rms_norm(x, residual, weight, eps) -> (y, h, rstd)
+#   ltm_triton::add_rms_norm_backward(grad_y, grad_h, h, weight, rstd, compute_grad_weight) -> (grad_h, grad_weight)
+# x (..., D) any strides; rstd x.shape[:-1] fp32. grad_weight is empty (0,) when not computed; grad_h of the
+# add is the gradient of x and of residual alike (and includes the gradient arriving at the output h).
+def _rows(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1]).contiguous()
 
 
+@torch.library.custom_op("ltm_triton::rms_norm", mutates_args=())
+def _rms_norm_op(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    y, _, rstd = _rms_norm_fwd(_rows(x), None, weight.contiguous(), eps)
+    return y.view(x.shape), rstd.view(x.shape[:-1])
+
+
+@torch.library.register_fake("ltm_triton::rms_norm")
+def _(x, weight, eps):
+    y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
+    return y, x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("ltm_triton::rms_norm_backward", mutates_args=())
+def _rms_norm_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, compute_grad_weight: bool
+                          ) -> tuple[Tensor, Tensor]:
+    dx, dw = _rms_norm_bwd(_rows(x), weight.contiguous(), rstd.reshape(-1).contiguous(), _rows(grad_y), None,
+                           compute_grad_weight)
+    return dx.view(x.shape), weight.new_empty(0) if dw is None else dw
+
+
+@torch.library.register_fake("ltm_triton::rms_norm_backward")
+def _(grad_y, x, weight, rstd, compute_grad_weight):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), \
+        weight.new_empty(weight.shape if compute_grad_weight else (0,))
+
+
+@torch.library.custom_op("ltm_triton::add_rms_norm", mutates_args=())
+def _add_rms_norm_op(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    y, h, rstd = _rms_norm_fwd(_rows(x), _rows(residual), weight.contiguous(), eps)
+    return y.view(x.shape), h.view(x.shape), rstd.view(x.shape[:-1])
+
+
+@torch.library.register_fake("ltm_triton::add_rms_norm")
+def _(x, residual, weight, eps):
+    y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
+    return y, x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("ltm_triton::add_rms_norm_backward", mutates_args=())
+def _add_rms_norm_backward_op(grad_y: Tensor, grad_h: Tensor | None, h: Tensor, weight: Tensor, rstd: Tensor,
+                              compute_grad_weight: bool) -> tuple[Tensor, Tensor]:
+    dh_out = None if grad_h is None else _rows(grad_h)
+    dx, dw = _rms_norm_bwd(_rows(h), weight.contiguous(), rstd.reshape(-1).contiguous(), _rows(grad_y), dh_out,
+                           compute_grad_weight)
+    return dx.view(h.shape), weight.new_empty(0) if dw is None else dw
+
+
+@torch.library.register_fake("ltm_triton::add_rms_norm_backward")
+def _(grad_y, grad_h, h, weight, rstd, compute_grad_weight):
+    return torch.empty_like(h, memory_format=torch.contiguous_format), \
+        weight.new_empty(weight.shape if compute_grad_weight else (0,))
+
+
+def _rms_norm_setup_context(ctx, inputs, output):
+    x, weight, _ = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _rms_norm_backward(ctx, grad_y, _grad_rstd):
+    x, weight, rstd = ctx.saved_tensors
+    # grad_wanted, not needs_input_grad: the inner loop's norm weights are Parameters nobody asks a gradient of.
+    want_dw = grad_wanted(ctx, 1)
+    dx, dw = torch.ops.ltm_triton.rms_norm_backward(grad_y, x, weight, rstd, want_dw)
+    return dx, dw if want_dw else None, None
+
+
+def _add_rms_norm_setup_context(ctx, inputs, output):
+    _, _, weight, _ = inputs
+    _, h, rstd = output
+    ctx.save_for_backward(h, weight, rstd)
+    ctx.mark_non_differentiable(rstd)
+    ctx.set_materialize_grads(False)  # y or h may get no gradient: no zeros to read then
+
+
+def _add_rms_norm_backward(ctx, grad_y, grad_h, _grad_rstd):
+    h, weight, rstd = ctx.saved_tensors
+    want_dw = grad_wanted(ctx, 2)  # tensor inputs: x, residual, weight
+    if grad_y is None:
+        grad_y = torch.zeros_like(h)
+    dh, dw = torch.ops.ltm_triton.add_rms_norm_backward(grad_y, grad_h, h, weight, rstd, want_dw)
+    return dh, dh, dw if want_dw else None, None
+
+
+torch.library.register_autograd("ltm_triton::rms_norm", _rms_norm_backward, setup_context=_rms_norm_setup_context)
+torch.library.register_autograd("ltm_triton::add_rms_norm", _add_rms_norm_backward,
+                                setup_context=_add_rms_norm_setup_context)
+
+
+# ------------------------------------------------------------------------------------------- functional
 def _check(x, weight, eps, residual=None) -> None:
     check_triton_tensor(x, "x")
     check_triton_tensor(weight, "weight")
@@ -145,13 +219,14 @@ def _check(x, weight, eps, residual=None) -> None:
         raise ValueError(f"eps must be a positive number, got {eps!r}")
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+def rms_norm_triton(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """Fused `rms_norm_ref`: x (..., D) fp32/bf16/fp16, weight (D,); differentiable in x and weight."""
     _check(x, weight, eps)
-    return _RMSNorm.apply(x, weight, None, float(eps))
+    return torch.ops.ltm_triton.rms_norm(x, weight, float(eps))[0]
 
 
-def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def add_rms_norm_triton(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """Fused `add_rms_norm_ref`: returns (rms_norm(x + residual), x + residual), one pass each way."""
     _check(x, weight, eps, residual)
-    return _RMSNorm.apply(x, weight, residual, float(eps))
+    y, h, _ = torch.ops.ltm_triton.add_rms_norm(x, residual, weight, float(eps))
+    return y, h

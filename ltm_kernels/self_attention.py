@@ -1,4 +1,4 @@
-"""self_attention: causal sliding-window attention with RoPE applied inside the kernel (FlashAttention-2 style).
+"""self_attention_triton: causal sliding-window attention with RoPE applied inside the kernel (FlashAttention-2 style).
 
 For q, k, v (B, H, N, hd), RoPE tables cos, sin (N, hd/2) and a window W, per (batch, head):
 
@@ -33,7 +33,7 @@ window, hd, dtypes): only the first call with a new key benchmarks (and synchron
 key look the config up on the host, so warm up before capturing a CUDA graph. Under TRITON_INTERPRET=1 one
 small fixed config is used.
 
-Registered as `torch.ops.ltm_triton.self_attention_fwd` (-> out, lse) and `...self_attention_bwd`
+Registered as `torch.ops.ltm_triton.self_attention` (-> out, lse) and `...self_attention_backward`
 (-> dq, dk, dv) with fake implementations and autograd, so `torch.compile` and CUDA graphs see two opaque
 ops. The eager math is `reference.self_attention_ref`.
 """
@@ -399,29 +399,29 @@ def _self_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, cos: Tens
     return dq, dk, dv
 
 
-# ---- registration: two opaque ops for torch.compile / CUDA graphs, autograd from Python ----
-
-@torch.library.custom_op("ltm_triton::self_attention_fwd", mutates_args=())
-def self_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, window: int
+# ------------------------------------------------------------------------------------------ registration
+# ltm_triton::self_attention(q, k, v, cos, sin, window) -> (out, lse) and
+# ltm_triton::self_attention_backward(grad_out, q, k, v, cos, sin, out, lse, window) -> (dq, dk, dv): two
+# opaque ops for torch.compile and CUDA graphs, autograd from Python. Inputs as `self_attention_triton` checks.
+@torch.library.custom_op("ltm_triton::self_attention", mutates_args=())
+def _self_attention_op(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, window: int
                        ) -> tuple[Tensor, Tensor]:
-    """(out (B, H, N, hd), lse (B, H, N) fp32) of RoPE + sliding-window causal attention; inputs unchecked."""
     return _self_attention_fwd(q, k, v, cos, sin, window)
 
 
-@self_attention_fwd.register_fake
+@torch.library.register_fake("ltm_triton::self_attention")
 def _(q, k, v, cos, sin, window):
     return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("ltm_triton::self_attention_bwd", mutates_args=())
-def self_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, out: Tensor,
-                       lse: Tensor, window: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) of `self_attention_fwd`, given dL/dout and its saved out and lse."""
-    return _self_attention_bwd(dout, q, k, v, cos, sin, out, lse, window)
+@torch.library.custom_op("ltm_triton::self_attention_backward", mutates_args=())
+def _self_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
+                                out: Tensor, lse: Tensor, window: int) -> tuple[Tensor, Tensor, Tensor]:
+    return _self_attention_bwd(grad_out, q, k, v, cos, sin, out, lse, window)
 
 
-@self_attention_bwd.register_fake
-def _(dout, q, k, v, cos, sin, out, lse, window):
+@torch.library.register_fake("ltm_triton::self_attention_backward")
+def _(grad_out, q, k, v, cos, sin, out, lse, window):
     return torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
 
 
@@ -430,19 +430,19 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, cos, sin, out, lse)
     ctx.window = window
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(lse)  # a statistic for the backward: self_attention_triton returns only out
 
 
-def _backward(ctx, dout, _dlse):
+def _backward(ctx, grad_out, _grad_lse):
     q, k, v, cos, sin, out, lse = ctx.saved_tensors
-    dq, dk, dv = self_attention_bwd(dout, q, k, v, cos, sin, out, lse, ctx.window)
-    need = ctx.needs_input_grad
-    return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None, None, None)
+    dq, dk, dv = torch.ops.ltm_triton.self_attention_backward(grad_out, q, k, v, cos, sin, out, lse, ctx.window)
+    return dq, dk, dv, None, None, None
 
 
-torch.library.register_autograd("ltm_triton::self_attention_fwd", _backward, setup_context=_setup_context)
+torch.library.register_autograd("ltm_triton::self_attention", _backward, setup_context=_setup_context)
 
 
+# ------------------------------------------------------------------------------------------- functional
 def _check(q, k, v, cos, sin, window) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_triton_tensor(t, name)
@@ -470,7 +470,7 @@ def _check(q, k, v, cos, sin, window) -> None:
         raise ValueError(f"window must be >= 1 (a query always sees itself), got {window}")
 
 
-def self_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, window: int) -> Tensor:
+def self_attention_triton(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, window: int) -> Tensor:
     """Fused `self_attention_ref`: RoPE (adjacent pairs) on q, k, then causal attention over the last `window`
     keys (query i sees i - window < j <= i), scale 1/sqrt(hd).
 
@@ -479,4 +479,4 @@ def self_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, wi
     differentiable in q, k, v.
     """
     _check(q, k, v, cos, sin, window)
-    return torch.ops.ltm_triton.self_attention_fwd(q, k, v, cos, sin, int(window))[0]
+    return torch.ops.ltm_triton.self_attention(q, k, v, cos, sin, int(window))[0]

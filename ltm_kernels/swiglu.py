@@ -1,4 +1,4 @@
-"""swiglu: the SwiGLU gate of the MLP, between the gate/up projections and the down projection.
+"""swiglu_triton: the SwiGLU gate of the MLP, between the gate/up projections and the down projection.
 
     out = silu(g) * u = g * sigmoid(g) * u
     dg  = dout * u * sigmoid(g) * (1 + g * (1 - sigmoid(g)))
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ._triton import TRITON_AVAILABLE, check_triton_tensor, tl, triton
 
@@ -45,26 +44,58 @@ def _grid(numel: int):
     return (triton.cdiv(numel, BLOCK),)
 
 
-class _SwiGLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate, up):
-        gate, up = gate.contiguous(), up.contiguous()
-        out = torch.empty_like(gate)
-        _swiglu_fwd_kernel[_grid(gate.numel())](gate, up, out, gate.numel(), BLOCK=BLOCK, num_warps=4)
-        ctx.save_for_backward(gate, up)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout):
-        gate, up = ctx.saved_tensors
-        dout = dout.contiguous()
-        dg, du = torch.empty_like(gate), torch.empty_like(up)
-        _swiglu_bwd_kernel[_grid(gate.numel())](gate, up, dout, dg, du, gate.numel(), BLOCK=BLOCK, num_warps=4)
-        return dg, du
+def _swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    _swiglu_fwd_kernel[_grid(gate.numel())](gate, up, out, gate.numel(), BLOCK=BLOCK, num_warps=4)
+    return out
 
 
-def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+def _swiglu_bwd(dout: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    gate, up, dout = gate.contiguous(), up.contiguous(), dout.contiguous()
+    dg, du = torch.empty_like(gate), torch.empty_like(up)
+    _swiglu_bwd_kernel[_grid(gate.numel())](gate, up, dout, dg, du, gate.numel(), BLOCK=BLOCK, num_warps=4)
+    return dg, du
+
+
+# ------------------------------------------------------------------------------------------ registration
+# ltm_triton::swiglu(gate, up) -> out and ltm_triton::swiglu_backward(grad_out, gate, up) -> (grad_gate, grad_up),
+# opaque ops for torch.compile and CUDA graphs; outputs contiguous, in gate's dtype.
+@torch.library.custom_op("ltm_triton::swiglu", mutates_args=())
+def _swiglu_op(gate: Tensor, up: Tensor) -> Tensor:
+    return _swiglu_fwd(gate, up)
+
+
+@torch.library.register_fake("ltm_triton::swiglu")
+def _(gate, up):
+    return torch.empty_like(gate, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("ltm_triton::swiglu_backward", mutates_args=())
+def _swiglu_backward_op(grad_out: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    return _swiglu_bwd(grad_out, gate, up)
+
+
+@torch.library.register_fake("ltm_triton::swiglu_backward")
+def _(grad_out, gate, up):
+    return (torch.empty_like(gate, memory_format=torch.contiguous_format),
+            torch.empty_like(up, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad_out):
+    gate, up = ctx.saved_tensors
+    return torch.ops.ltm_triton.swiglu_backward(grad_out, gate, up)
+
+
+torch.library.register_autograd("ltm_triton::swiglu", _backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------- functional
+def swiglu_triton(gate: Tensor, up: Tensor) -> Tensor:
     """Fused `swiglu_ref`: silu(gate) * up for gate and up of one shape and dtype (fp32/bf16/fp16)."""
     check_triton_tensor(gate, "gate")
     check_triton_tensor(up, "up")
@@ -73,4 +104,4 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
                          f"shape {tuple(up.shape)}, {up.dtype}, {up.device}")
     if gate.numel() == 0:
         return torch.empty_like(gate)
-    return _SwiGLU.apply(gate, up)
+    return torch.ops.ltm_triton.swiglu(gate, up)

@@ -14,7 +14,13 @@ class PeakMemory(TorchDispatchMode):
     Every op output's storage is counted once (views share it) from its creation until the storage is freed
     (a weakref finalizer: PyTorch keeps one Python object per live storage); storages that existed before
     the mode (inputs, weights) are not counted. The true allocator peak can only be higher by the
-    temporaries inside single ATen kernels."""
+    temporaries inside single ATen kernels.
+
+    Our registered ops (namespaces in `OPAQUE_NAMESPACES`) are single calls to a dispatch mode, which would
+    see only their outputs: their kernels are run with the mode active again, so the tensors they create
+    inside (the LM head's chunk buffer, say) are counted too."""
+
+    OPAQUE_NAMESPACES = ("ltm", "ltm_triton", "ltm_torch")
 
     def __init__(self):
         super().__init__()
@@ -24,6 +30,11 @@ class PeakMemory(TorchDispatchMode):
         self.current -= self.live.pop(key)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace in self.OPAQUE_NAMESPACES:
+            device = next(t.device for t in tree_leaves(args) if isinstance(t, torch.Tensor))
+            backend = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, device.type.upper()))
+            with self:  # the kernel below the mode's dispatch key, with the mode seeing its insides
+                return func.redispatch(backend, *args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):

@@ -1,4 +1,4 @@
-// CUDA kernel of ltm::posterior_step (schema in ../ltm_ops.cpp; math in ltm_kernels/posterior_step.py, eager
+// CUDA kernel of ltm::posterior_step (schema in ../ltm_ops.cpp; math in ltm_kernels/posterior_step_cpp.py, eager
 // reference in ltm_kernels/reference.py; schedule, AdamW and input checks shared with the CPU kernel through
 // ../posterior_step.h).
 //

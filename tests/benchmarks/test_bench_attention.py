@@ -31,6 +31,7 @@ def test_writes_the_result_file(tmp_path):
     on_disk = json.loads(out.read_text())
     assert on_disk == json.loads(json.dumps(result))
     assert on_disk["benchmark"] == "attention" and on_disk["commit"] and on_disk["device"]["torch"]
+    assert isinstance(on_disk["device"]["cpu_isa"], list) and on_disk["device"]["cpu"]  # common.environment
     assert on_disk["config"]["seq"] == 37 and on_disk["copy_bandwidth_bytes_per_s"] > 0
     self_rows, cross_rows = on_disk["self_attention"], on_disk["latent_attention"]
     for rows, base in ((self_rows, "sdpa-dense-mask"), (cross_rows, "sdpa")):

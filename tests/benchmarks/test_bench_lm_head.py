@@ -20,6 +20,7 @@ def test_writes_the_result_file(tmp_path):
     on_disk = json.loads(out.read_text())
     assert on_disk == json.loads(json.dumps(result))
     assert on_disk["benchmark"] == "lm_head" and on_disk["commit"] and on_disk["device"]["torch"]
+    assert isinstance(on_disk["device"]["cpu_isa"], list) and on_disk["device"]["cpu"]  # common.environment
     assert on_disk["config"]["tokens"] == 96 and on_disk["config"]["chunk_rows"] == 16
     for mode in ("inner", "train"):
         rows = on_disk["runs"][mode]

@@ -298,3 +298,16 @@ def test_every_isa_copy(needs_extension, tmp_path):
             for name, a, e in zip(["out", "dq", "dk", "dv"], got, [ref.detach()] + [x.grad for x in xs]):
                 torch.testing.assert_close(a.double(), e, **TOL[torch.float32],
                                            msg=lambda m, name=name: f"{level} {op}: {name}: {m}")
+
+
+@pytest.mark.parametrize("window", [0, -3])
+def test_reference_refuses_a_window_below_one_as_the_ops_do(window):
+    """self_attention_ref used to return zeros for window <= 0; it now raises, naming the argument, as the
+    C++ op does (and the Triton functional)."""
+    q = torch.randn(1, 1, 4, 8, dtype=F64)
+    cos, sin = rope_tables(range(4), 8)
+    with pytest.raises(ValueError, match=r"window must be an int >= 1 \(query i sees keys"):
+        reference.self_attention_ref(q, q, q, cos, sin, window)
+    if extension_status()[0]:
+        with pytest.raises(RuntimeError, match="window must be >= 1"):
+            self_attention_cpp(q, q, q, cos, sin, window)

@@ -1,4 +1,4 @@
-"""latent_attention (Triton) against latent_attention_ref in float64: out, dq, dk, dv for a random upstream
+"""latent_attention_triton against latent_attention_ref in float64: out, dq, dk, dv for a random upstream
 gradient; M from 1 to 64 latents, N not a multiple of the query block and N = 1 (decoding), head dims 32, 64,
 128, strided q/k/v as the model passes them; argument errors; the registered ops under opcheck and
 torch.compile; on a GPU the fp16/bf16 rule of DESIGN section 6, determinism, CUDA graphs; and an sm_90
@@ -10,8 +10,7 @@ import pytest
 import torch
 from triton_helpers import assert_close, compile_for_sm90, gpu, interpreter, rel_err
 
-from ltm_kernels import reference
-from ltm_kernels.latent_attention import latent_attention
+from ltm_kernels import latent_attention_triton, reference
 from ltm_kernels.reference import latent_attention_ref
 
 # the module, not the function of the same name that `ltm_kernels` exports
@@ -76,7 +75,7 @@ def check_against_reference(got, want, tol, M):
 def test_equals_float64_reference(M, N, hd):
     inputs, dy = make_inputs(2, 2, N, M, hd, seed=M + N + hd)
     want = run(latent_attention_ref, inputs, dy, F64)
-    got = run(latent_attention, inputs, dy, torch.float32)
+    got = run(latent_attention_triton, inputs, dy, torch.float32)
     assert all(g.dtype == torch.float32 for g in got)
     check_against_reference(got, want, 1e-5, M)
 
@@ -87,7 +86,7 @@ def test_strided_inputs_and_output_layout(B, H, N, M, hd):
     """q, k, v as strided views (the model's transposed (B, L, H, hd) layout, inside a wider buffer)."""
     inputs, dy = make_inputs(B, H, N, M, hd, seed=7, start=100)
     want = run(latent_attention_ref, inputs, dy, F64)
-    got = run(latent_attention, inputs, dy, torch.float32, strided=True)
+    got = run(latent_attention_triton, inputs, dy, torch.float32, strided=True)
     check_against_reference(got, want, 1e-5, M)
 
 
@@ -97,7 +96,7 @@ def test_out_keeps_the_layout_of_a_dense_q():
     `out.transpose(1, 2).reshape(B, N, H * hd)` is free."""
     (q, k, v, *tables), _ = make_inputs(1, 2, 5, 3, 32)
     qt = q.float().transpose(1, 2).contiguous().transpose(1, 2)
-    out = latent_attention(qt, k.float(), v.float(), *(t.float() for t in tables))
+    out = latent_attention_triton(qt, k.float(), v.float(), *(t.float() for t in tables))
     assert out.stride() == qt.stride()
     assert_close(out, latent_attention_ref(q, k, v, *tables), 1e-5, "out")
 
@@ -105,8 +104,8 @@ def test_out_keeps_the_layout_of_a_dense_q():
 @interpreter
 def test_tables_of_other_float_dtypes_are_used_in_fp32():
     inputs, dy = make_inputs(1, 2, 9, 5, 32)
-    want = run(latent_attention, inputs, dy, torch.float32)
-    got = run(latent_attention, inputs, dy, torch.float32, table_dtype=F64)
+    want = run(latent_attention_triton, inputs, dy, torch.float32)
+    got = run(latent_attention_triton, inputs, dy, torch.float32, table_dtype=F64)
     for name, g, w in zip(NAMES, got, want):
         assert torch.equal(g, w), name
 
@@ -117,9 +116,9 @@ def test_chunked_dk_dv_reduction_matches_one_chunk(monkeypatch, n_chunks):
     """The backward's partial-sum path (several chunks per (batch, head)) against the direct one."""
     inputs, dy = make_inputs(1, 2, 40, 8, 32, seed=3)  # 3 query blocks of 16
     monkeypatch.setattr(la, "_num_chunks", lambda n_blocks, bh, sms: (1, n_blocks))
-    one = run(latent_attention, inputs, dy, torch.float32)
+    one = run(latent_attention_triton, inputs, dy, torch.float32)
     monkeypatch.setattr(la, "_num_chunks", lambda n_blocks, bh, sms: (n_chunks, math.ceil(n_blocks / n_chunks)))
-    several = run(latent_attention, inputs, dy, torch.float32)
+    several = run(latent_attention_triton, inputs, dy, torch.float32)
     for name, g, w in zip(NAMES, several, one):
         assert_close(g, w, 1e-6, name)
     want = run(latent_attention_ref, inputs, dy, F64)
@@ -145,32 +144,32 @@ def test_bad_inputs_name_the_argument():
     kb, vb = torch.randn(1, 2, 65, 32), torch.randn(1, 2, 65, 32)
     cb, sb = torch.randn(65, 16), torch.randn(65, 16)
     with pytest.raises(ValueError, match="M = 65.*at most 64"):
-        latent_attention(q, kb, vb, cq, sq, cb, sb)
+        latent_attention_triton(q, kb, vb, cq, sq, cb, sb)
     with pytest.raises(ValueError, match="at least one latent"):
-        latent_attention(q, k[:, :, :0], v[:, :, :0], cq, sq, ck[:0], sk[:0])
+        latent_attention_triton(q, k[:, :, :0], v[:, :, :0], cq, sq, ck[:0], sk[:0])
     q48 = torch.randn(1, 2, 4, 48)
     with pytest.raises(ValueError, match="head dim hd.*got 48"):
-        latent_attention(q48, torch.randn(1, 2, 3, 48), torch.randn(1, 2, 3, 48), cq[:, :24], sq, ck, sk)
+        latent_attention_triton(q48, torch.randn(1, 2, 3, 48), torch.randn(1, 2, 3, 48), cq[:, :24], sq, ck, sk)
     with pytest.raises(ValueError, match="k must have shape"):
-        latent_attention(q, k[:1, :1], v[:1, :1], cq, sq, ck, sk)
+        latent_attention_triton(q, k[:1, :1], v[:1, :1], cq, sq, ck, sk)
     with pytest.raises(ValueError, match="v must have the shape of k"):
-        latent_attention(q, k, v[:, :, :2], cq, sq, ck, sk)
+        latent_attention_triton(q, k, v[:, :, :2], cq, sq, ck, sk)
     with pytest.raises(ValueError, match="q must be 4-D"):
-        latent_attention(q[0], k, v, cq, sq, ck, sk)
+        latent_attention_triton(q[0], k, v, cq, sq, ck, sk)
     with pytest.raises(TypeError, match="q must have dtype"):
-        latent_attention(q.double(), k.double(), v.double(), cq, sq, ck, sk)
+        latent_attention_triton(q.double(), k.double(), v.double(), cq, sq, ck, sk)
     with pytest.raises(TypeError, match="v must have the dtype of q"):
-        latent_attention(q, k, v.half(), cq, sq, ck, sk)
+        latent_attention_triton(q, k, v.half(), cq, sq, ck, sk)
     with pytest.raises(TypeError, match="sin_k must have dtype"):
-        latent_attention(q, k, v, cq, sq, ck, sk.int())
+        latent_attention_triton(q, k, v, cq, sq, ck, sk.int())
     with pytest.raises(ValueError, match=r"cos_q must have shape \(4, 16\)"):
-        latent_attention(q, k, v, cq[:3], sq, ck, sk)
+        latent_attention_triton(q, k, v, cq[:3], sq, ck, sk)
     with pytest.raises(ValueError, match=r"sin_k must have shape \(3, 16\)"):
-        latent_attention(q, k, v, cq, sq, ck, sk.t())
+        latent_attention_triton(q, k, v, cq, sq, ck, sk.t())
     with pytest.raises(TypeError, match="k must be a torch.Tensor"):
-        latent_attention(q, k.tolist(), v, cq, sq, ck, sk)
+        latent_attention_triton(q, k.tolist(), v, cq, sq, ck, sk)
     with pytest.raises(ValueError, match="q must be non-empty"):
-        latent_attention(q[:, :, :0], k, v, cq[:0], sq[:0], ck, sk)
+        latent_attention_triton(q[:, :, :0], k, v, cq[:0], sq[:0], ck, sk)
 
 
 @interpreter
@@ -179,9 +178,9 @@ def test_opcheck():
     q = q.float().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)
     k, v = (t.float().requires_grad_(True) for t in (k, v))
     tables = [t.float() for t in tables]
-    torch.library.opcheck(torch.ops.ltm_triton.latent_attention_fwd.default, (q, k, v, *tables))
-    out, lse = torch.ops.ltm_triton.latent_attention_fwd(q.detach(), k.detach(), v.detach(), *tables)
-    torch.library.opcheck(torch.ops.ltm_triton.latent_attention_bwd.default,
+    torch.library.opcheck(torch.ops.ltm_triton.latent_attention.default, (q, k, v, *tables))
+    out, lse = torch.ops.ltm_triton.latent_attention(q.detach(), k.detach(), v.detach(), *tables)
+    torch.library.opcheck(torch.ops.ltm_triton.latent_attention_backward.default,
                           (dy.float(), q.detach(), k.detach(), v.detach(), *tables, out, lse))
 
 
@@ -189,9 +188,9 @@ def test_opcheck():
 def test_traces_in_one_graph():
     """torch.compile(fullgraph=True) traces through the custom ops (aot_eager: no C++ compiler needed)."""
     inputs, dy = make_inputs(1, 2, 7, 3, 32)
-    compiled = torch.compile(latent_attention, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(latent_attention_triton, fullgraph=True, backend="aot_eager")
     got = run(compiled, inputs, dy, torch.float32, strided=True)
-    want = run(latent_attention, inputs, dy, torch.float32, strided=True)
+    want = run(latent_attention_triton, inputs, dy, torch.float32, strided=True)
     for name, g, w in zip(NAMES, got, want):
         assert torch.equal(g, w), name
 
@@ -206,8 +205,8 @@ def test_gpu_low_precision_within_twice_eager_error(dtype, M):
     inputs, dy = make_inputs(4, 8, 1000, M, 64, seed=M)
     want = run(latent_attention_ref, inputs, dy, F64, "cuda")
     eager = run(latent_attention_ref, inputs, dy, dtype, "cuda", strided=True)
-    fused = run(latent_attention, inputs, dy, dtype, "cuda", strided=True)
-    fp32 = run(latent_attention, inputs, dy, torch.float32, "cuda", strided=True)
+    fused = run(latent_attention_triton, inputs, dy, dtype, "cuda", strided=True)
+    fp32 = run(latent_attention_triton, inputs, dy, torch.float32, "cuda", strided=True)
     check_against_reference(fp32, want, 1e-5, M)
     for name, e, f, ref in zip(NAMES, eager, fused, want):
         assert f.dtype == dtype and torch.isfinite(f).all(), name
@@ -220,7 +219,7 @@ def test_gpu_low_precision_within_twice_eager_error(dtype, M):
 def test_gpu_fp32_odd_shapes(B, H, N, M, hd, strided):
     inputs, dy = make_inputs(B, H, N, M, hd, seed=N)
     want = run(latent_attention_ref, inputs, dy, F64, "cuda")
-    got = run(latent_attention, inputs, dy, torch.float32, "cuda", strided=strided)
+    got = run(latent_attention_triton, inputs, dy, torch.float32, "cuda", strided=strided)
     check_against_reference(got, want, 1e-5, M)
 
 
@@ -228,8 +227,8 @@ def test_gpu_fp32_odd_shapes(B, H, N, M, hd, strided):
 @pytest.mark.parametrize("B", [1, 64])  # B*H = 8: several chunks per (batch, head); 512: one
 def test_gpu_backward_is_deterministic(B):
     inputs, dy = make_inputs(B, 8, 1000, 8, 64)
-    first = run(latent_attention, inputs, dy, torch.bfloat16, "cuda", strided=True)
-    second = run(latent_attention, inputs, dy, torch.bfloat16, "cuda", strided=True)
+    first = run(latent_attention_triton, inputs, dy, torch.bfloat16, "cuda", strided=True)
+    second = run(latent_attention_triton, inputs, dy, torch.bfloat16, "cuda", strided=True)
     for name, a, b in zip(NAMES, first, second):
         assert torch.equal(a, b), name
 
@@ -248,7 +247,7 @@ def test_gpu_cuda_graph_replay_equals_eager():
     g = dy.to("cuda", torch.bfloat16)
 
     def step():
-        out = latent_attention(q, k, v, *tables)
+        out = latent_attention_triton(q, k, v, *tables)
         return (out, *torch.autograd.grad(out, (q, k, v), g))
 
     stream = torch.cuda.Stream()
@@ -274,9 +273,9 @@ def test_gpu_cuda_graph_replay_equals_eager():
 @gpu
 def test_gpu_torch_compile_fullgraph_equals_eager():
     inputs, dy = make_inputs(2, 8, 300, 8, 64)
-    compiled = torch.compile(latent_attention, fullgraph=True)
+    compiled = torch.compile(latent_attention_triton, fullgraph=True)
     got = run(compiled, inputs, dy, torch.bfloat16, "cuda", strided=True)
-    want = run(latent_attention, inputs, dy, torch.bfloat16, "cuda", strided=True)
+    want = run(latent_attention_triton, inputs, dy, torch.bfloat16, "cuda", strided=True)
     for name, g, w in zip(NAMES, got, want):
         assert torch.equal(g, w), name
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ltm_kernels
-from ltm_kernels import extension_status, kl_ref, posterior_step, posterior_step_ref
+from ltm_kernels import extension_status, kl_ref, posterior_step_cpp, posterior_step_ref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NAMES = ["mu", "logvar", "exp_avg_mu", "exp_avg_sq_mu", "exp_avg_logvar", "exp_avg_sq_logvar", "z"]
@@ -73,7 +73,7 @@ def test_matches_reference(needs_extension, shape, dtype, schedule):
     noise = torch.randn(shape, generator=gen, dtype=dtype)
     grads = [torch.randn(shape, generator=gen, dtype=dtype) for _ in range(steps)]
     fused, ref = make_state(shape, dtype), make_state(shape, dtype)
-    run_steps(posterior_step, fused, noise, grads, steps, schedule)
+    run_steps(posterior_step_cpp, fused, noise, grads, steps, schedule)
     run_steps(posterior_step_ref, ref, noise, grads, steps, schedule)
     assert_state_close(fused, ref, **TOLERANCES[dtype])
 
@@ -114,7 +114,7 @@ def run_low_precision(dtype, seed=2, shape=(2, 24, 64), steps=5):
     grads = [torch.randn(shape, generator=gen).to(dtype) for _ in range(steps)]
     fused, eager = make_state(shape, dtype), make_state(shape, dtype)
     exact = [t.double() for t in make_state(shape, dtype)]
-    run_steps(posterior_step, fused, noise, grads, steps)
+    run_steps(posterior_step_cpp, fused, noise, grads, steps)
     run_steps(posterior_step_ref, eager, noise, grads, steps)
     run_steps(posterior_step_ref, exact, noise.double(), [g.double() for g in grads], steps)
     return fused, eager, exact
@@ -196,8 +196,8 @@ def test_non_contiguous_inputs(needs_extension):
     noise = torch.randn(shape[::-1], generator=gen, dtype=torch.float64).transpose(0, 2)
     assert not grad_z.is_contiguous() and not noise.is_contiguous()
     strided, dense = make_state(shape, torch.float64), make_state(shape, torch.float64)
-    posterior_step(*strided, grad_z, noise, counter(), 0.34, 1)
-    posterior_step(*dense, grad_z.contiguous(), noise.contiguous(), counter(), 0.34, 1)
+    posterior_step_cpp(*strided, grad_z, noise, counter(), 0.34, 1)
+    posterior_step_cpp(*dense, grad_z.contiguous(), noise.contiguous(), counter(), 0.34, 1)
     assert_state_close(strided, dense, rtol=0, atol=0)
 
 
@@ -208,11 +208,11 @@ def test_independent_of_thread_count(needs_extension):
     grad_z = torch.randn(shape, generator=gen)
     noise = torch.randn(shape, generator=gen)
     threaded, serial = make_state(shape, torch.float32), make_state(shape, torch.float32)
-    posterior_step(*threaded, grad_z, noise, counter(), 0.34, 1)
+    posterior_step_cpp(*threaded, grad_z, noise, counter(), 0.34, 1)
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        posterior_step(*serial, grad_z, noise, counter(), 0.34, 1)
+        posterior_step_cpp(*serial, grad_z, noise, counter(), 0.34, 1)
     finally:
         torch.set_num_threads(n)
     assert_state_close(threaded, serial, rtol=0, atol=0)
@@ -297,11 +297,11 @@ available, reason = ltm_kernels.extension_status()
 assert not available, reason
 print(reason)
 try:
-    ltm_kernels.posterior_step(*[None] * 10, lr=0.1, total_steps=1)
+    ltm_kernels.posterior_step_cpp(*[None] * 10, lr=0.1, total_steps=1)
 except RuntimeError as e:
     assert reason in str(e), e
 else:
-    raise AssertionError("posterior_step without the extension must raise")
+    raise AssertionError("posterior_step_cpp without the extension must raise")
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -309,7 +309,7 @@ else:
 
 
 def test_public_api():
-    for name in ("extension_status", "posterior_step", "posterior_step_ref", "kl_ref"):
+    for name in ("extension_status", "posterior_step_cpp", "posterior_step_ref", "kl_ref"):
         assert hasattr(ltm_kernels, name)
 
 
@@ -319,7 +319,7 @@ def _exp_through_op(logvar):
     zeros = [torch.zeros_like(logvar) for _ in range(6)]
     mu, moments, z = zeros[0], zeros[1:5], zeros[5]
     lv = logvar.clone()
-    posterior_step(mu, lv, *moments, z, torch.zeros_like(logvar), torch.ones_like(logvar), counter(), lr=0.0,
+    posterior_step_cpp(mu, lv, *moments, z, torch.zeros_like(logvar), torch.ones_like(logvar), counter(), lr=0.0,
                    total_steps=1)
     torch.testing.assert_close(lv, logvar, rtol=0, atol=0, equal_nan=True)
     return z
@@ -407,8 +407,8 @@ def test_inputs_aliasing_outputs(needs_extension):
     for state in (aliased, copied):
         state[6].copy_(torch.randn(shape, generator=torch.Generator().manual_seed(9)))  # z, used as grad_z
     noise = torch.randn(shape, generator=gen)
-    posterior_step(*copied, copied[6].clone(), noise, counter(), 0.34, 1)
-    posterior_step(*aliased, aliased[6], noise, counter(), 0.34, 1)
+    posterior_step_cpp(*copied, copied[6].clone(), noise, counter(), 0.34, 1)
+    posterior_step_cpp(*aliased, aliased[6], noise, counter(), 0.34, 1)
     assert_state_close(aliased, copied, rtol=0, atol=0)
 
     buf = torch.zeros(3 * 5 * 7 + 1)
@@ -417,3 +417,81 @@ def test_inputs_aliasing_outputs(needs_extension):
     with pytest.raises(RuntimeError, match="grad_z must not partially overlap z"):
         torch.ops.ltm.posterior_step(*state, buf[1:].view(shape), noise, counter(), 0.34, 1, 0, 0.9, 0.999, 1e-8,
                                      0.01)
+
+
+# ------------------------------------------------------------------------------ scalar arguments, every wrapper
+def _implementations():
+    from triton_helpers import INTERPRETER
+
+    needs_ext = pytest.mark.skipif(not extension_status()[0], reason=f"C++ op: {extension_status()[1]}")
+    return [pytest.param(posterior_step_ref, id="ref"),
+            pytest.param(posterior_step_cpp, id="cpp", marks=[pytest.mark.extension, needs_ext]),
+            pytest.param(ltm_kernels.posterior_step_triton, id="triton", marks=INTERPRETER)]
+
+
+BAD_SCALARS = [  # (keyword, value, message): inf / NaN / out of range, each naming the argument and its range
+    ("lr", math.inf, "lr must be a finite number >= 0"), ("lr", math.nan, "lr must be a finite number >= 0"),
+    ("lr", -0.1, "lr must be a finite number >= 0"),
+    ("weight_decay", math.inf, "weight_decay must be a finite number >= 0"),
+    ("weight_decay", math.nan, "weight_decay must be a finite number >= 0"),
+    ("weight_decay", -1.0, "weight_decay must be a finite number >= 0"),
+    ("eps", math.inf, "eps must be a finite number > 0"), ("eps", 0.0, "eps must be a finite number > 0"),
+    ("eps", math.nan, "eps must be a finite number > 0"),
+    ("beta1", 1.0, r"beta1 must be a finite number in \[0, 1\)"),
+    ("beta2", math.nan, r"beta2 must be a finite number in \[0, 1\)"),
+    ("total_steps", 0, "total_steps must be an int >= 1"), ("total_steps", 2.5, "total_steps must be an int >= 1"),
+    ("schedule", "cosin", r"schedule must be one of \('cosine', 'linear', 'constant'\) or its index"),
+    ("schedule", 3, "schedule must be one of"), ("schedule", True, "schedule must be one of"),
+]
+
+
+def _step_args(dtype=torch.float32):
+    shape = (2, 3, 4)
+    gen = torch.Generator().manual_seed(9)
+    return [*make_state(shape, dtype), torch.randn(shape, generator=gen, dtype=dtype),
+            torch.randn(shape, generator=gen, dtype=dtype), counter()]
+
+
+@pytest.mark.parametrize("impl", _implementations())
+@pytest.mark.parametrize("keyword, value, message", BAD_SCALARS, ids=[f"{k}={v!r}" for k, v, _ in BAD_SCALARS])
+def test_bad_scalars_name_the_argument_and_range(impl, keyword, value, message):
+    args = _step_args()
+    before = [t.clone() for t in args]
+    scalars = dict(lr=0.34, total_steps=4, schedule=0, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
+    with pytest.raises(ValueError, match=message):
+        impl(*args, **(scalars | {keyword: value}))
+    for a, b in zip(args, before):  # refused before anything was written
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("impl", _implementations())
+@pytest.mark.parametrize("name", ["cosine", "linear", "constant"])
+def test_schedule_by_name_equals_its_index(impl, name):
+    by_name, by_index = _step_args(), _step_args()
+    impl(*by_name, lr=0.34, total_steps=4, schedule=name)
+    impl(*by_index, lr=0.34, total_steps=4, schedule=("cosine", "linear", "constant").index(name))
+    assert_state_close(by_name, by_index, rtol=0, atol=0)
+
+
+@pytest.mark.extension
+@pytest.mark.parametrize("keyword, index, value", [("lr", 10, math.inf), ("eps", 15, math.inf),
+                                                   ("weight_decay", 16, math.inf), ("lr", 10, math.nan)])
+def test_op_refuses_non_finite_scalars(needs_extension, keyword, index, value):
+    """The C++ op itself (called without the wrapper) refuses them too, naming the argument."""
+    args = [*_step_args(torch.float64), 0.34, 4, 0, 0.9, 0.999, 1e-8, 0.01]
+    args[index] = value
+    with pytest.raises(RuntimeError, match=f"{keyword} must be a finite number"):
+        torch.ops.ltm.posterior_step(*args)
+
+
+def test_ops_exist_right_after_import():
+    """`torch.ops.ltm.*` is there after `import ltm_kernels` alone (a fresh interpreter); without a build,
+    the import still works and extension_status() says why."""
+    code = ("import torch, ltm_kernels\n"
+            "ok, reason = ltm_kernels.extension_status()\n"
+            "assert hasattr(torch.ops.ltm, 'posterior_step') == ok, reason\n"
+            "assert hasattr(torch.ops.ltm, 'self_attention') == ok, reason\n"
+            "print(ok)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(extension_status()[0])

@@ -8,7 +8,7 @@ import torch
 from triton_helpers import gpu, interpreter
 
 import ltm_kernels
-from ltm_kernels import posterior_step, posterior_step_ref, posterior_step_triton
+from ltm_kernels import posterior_step_cpp, posterior_step_ref, posterior_step_triton
 
 # The CPU test file's helpers (same state, tolerances and loop), loaded by path: the test folders are not packages.
 _spec = importlib.util.spec_from_file_location(
@@ -49,6 +49,17 @@ def test_triton_matches_reference_interpreted(shape, schedule):
 
 
 @interpreter
+def test_triton_opcheck():
+    """ltm_triton::posterior_step declares its mutations (schema check), and its fake traces (AOTAutograd)."""
+    shape = (2, 3, 5)
+    noise, (grad,) = inputs(shape, torch.float32, 1)
+    for schedule in range(3):
+        args = (*make_state(shape, torch.float32), grad, noise, counter(1), 0.34, 4, schedule, 0.9, 0.999, 1e-8,
+                0.01)
+        torch.library.opcheck(torch.ops.ltm_triton.posterior_step.default, args)
+
+
+@interpreter
 def test_triton_counter_survives_many_programs_and_resumes():
     """The ticket scheme leaves the counter at exactly t + 1 after each launch, from any starting t."""
     shape = (2, 8, 1000)  # 16 programs
@@ -82,7 +93,7 @@ def test_triton_bad_input_names_the_argument():
 def test_cuda_op_matches_reference(shape, schedule):
     """fp64 and fp32 against the CPU reference (same inputs); odd sizes take the element-wise tail."""
     for dtype in (torch.float64, torch.float32):
-        got = run(posterior_step, shape, dtype, schedule, device="cuda")
+        got = run(posterior_step_cpp, shape, dtype, schedule, device="cuda")
         want = run(posterior_step_ref, shape, dtype, schedule)
         assert_state_close([t.cpu() for t in got], want, **_cpu.TOLERANCES[dtype])
 
@@ -94,7 +105,7 @@ def test_cuda_op_low_precision_error(dtype):
     """DESIGN section 6: the CUDA op's error is at most 2x the eager op's in the same dtype (both on the GPU),
     against the fp64 reference."""
     shape = (2, 24, 64)
-    fused = run(posterior_step, shape, dtype, 0, device="cuda")
+    fused = run(posterior_step_cpp, shape, dtype, 0, device="cuda")
     eager = run(posterior_step_ref, shape, dtype, 0, device="cuda")
     noise, grads = inputs(shape, dtype, 5)
     exact = [t.double() for t in make_state(shape, dtype)]
@@ -125,7 +136,7 @@ def test_triton_matches_reference_on_cuda(dtype):
     the reference; fp32 to the CPU tolerance, half types to two ulps of the largest value."""
     shape = (64, 96, 512)
     got = run(posterior_step_triton, shape, dtype, 0, device="cuda")
-    want = run(posterior_step if HAS_CUDA_OP else posterior_step_ref, shape, dtype, 0, device="cuda")
+    want = run(posterior_step_cpp if HAS_CUDA_OP else posterior_step_ref, shape, dtype, 0, device="cuda")
     if dtype == torch.float32:
         assert_state_close(got, want, **_cpu.TOLERANCES[dtype])
     else:
@@ -141,7 +152,7 @@ def test_op_replays_in_a_cuda_graph(impl):
     one replay equals T eager calls, bit for bit."""
     if impl == "cuda" and not HAS_CUDA_OP:
         pytest.skip("no CUDA kernel for ltm::posterior_step in this build")
-    fn = posterior_step if impl == "cuda" else posterior_step_triton
+    fn = posterior_step_cpp if impl == "cuda" else posterior_step_triton
     shape, steps = (8, 24, 512), 6
     noise, grads = inputs(shape, torch.float32, steps, "cuda")
     eager = [t.cuda() for t in make_state(shape, torch.float32)]

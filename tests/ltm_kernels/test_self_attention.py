@@ -1,4 +1,4 @@
-"""self_attention (Triton: RoPE + causal sliding-window attention) against self_attention_ref in float64:
+"""self_attention_triton (Triton: RoPE + causal sliding-window attention) against self_attention_ref in float64:
 output, lse and dq, dk, dv; windows 1, small, larger than a tile, >= N; N not a multiple of the tile;
 head dims 32, 64, 128; non-contiguous inputs; argument errors; opcheck of the registered op; the kernels
 compile for sm_90; on a GPU the low-precision rule of DESIGN section 6, CUDA graphs and torch.compile."""
@@ -8,9 +8,8 @@ import pytest
 import torch
 from triton_helpers import assert_close, compile_for_sm90, gpu, interpreter, rel_err
 
-from ltm_kernels import reference
+from ltm_kernels import reference, self_attention_triton
 from ltm_kernels.reference import self_attention_ref, sliding_window_mask
-from ltm_kernels.self_attention import self_attention
 
 F64 = torch.float64
 
@@ -59,7 +58,7 @@ def test_equals_float64_reference(B, H, N, hd, window):
     q, k, v, dout = make_inputs(B, H, N, hd)
     cos, sin = rope_tables(N, hd)
     want = run(self_attention_ref, q, k, v, dout, cos.double(), sin.double(), window, F64)
-    got = run(self_attention, q, k, v, dout, cos, sin, window, torch.float32)
+    got = run(self_attention_triton, q, k, v, dout, cos, sin, window, torch.float32)
     floor = want[3].abs().max().item()  # dv's scale: the size of a gradient that is not ~0
     for name, g, w in zip(NAMES, got, want):
         assert g.dtype == torch.float32 and g.shape == w.shape, name
@@ -78,7 +77,7 @@ def test_unequal_tiles(monkeypatch, block_m, block_n, window):
     q, k, v, dout = make_inputs(1, 1, 50, 32, seed=3)
     cos, sin = rope_tables(50, 32)
     want = run(self_attention_ref, q, k, v, dout, cos.double(), sin.double(), window, F64)
-    got = run(self_attention, q, k, v, dout, cos, sin, window, torch.float32)
+    got = run(self_attention_triton, q, k, v, dout, cos, sin, window, torch.float32)
     for name, g, w in zip(NAMES, got, want):
         assert_close(g, w, 2e-6, name)
 
@@ -91,13 +90,13 @@ def test_non_contiguous_inputs_and_float64_tables():
     assert not q.is_contiguous()
     cos, sin = rope_tables(N, hd, dtype=F64)  # any float dtype; cast to fp32 inside
     want = run(self_attention_ref, q, k, v, dout, cos, sin, window, F64)
-    got = run(self_attention, q, k, v, dout, cos, sin, window, torch.float32)
+    got = run(self_attention_triton, q, k, v, dout, cos, sin, window, torch.float32)
     for name, g, w in zip(NAMES, got, want):
         assert g.shape == (B, H, N, hd) and g.stride() == q.stride(), (name, g.stride())  # no copy to merge heads
         assert_close(g, w, 2e-6, name)
     # not dense (the first N - 3 rows of float32 buffers): the output is a fresh dense tensor (empty_like)
     q, k, v = (t.float()[:, :, :N - 3] for t in (q, k, v))
-    got = self_attention(q, k, v, cos[:N - 3], sin[:N - 3], window)
+    got = self_attention_triton(q, k, v, cos[:N - 3], sin[:N - 3], window)
     assert_close(got, self_attention_ref(q.double(), k.double(), v.double(), cos[:N - 3], sin[:N - 3], window),
                  2e-6, "out")
 
@@ -109,7 +108,7 @@ def test_lse_is_the_log_sum_exp_of_the_visible_scores():
     B, H, N, hd, window = 1, 2, 37, 32, 5
     q, k, v, _ = make_inputs(B, H, N, hd, seed=2)
     cos, sin = rope_tables(N, hd)
-    out, lse = torch.ops.ltm_triton.self_attention_fwd(q.float(), k.float(), v.float(), cos, sin, window)
+    out, lse = torch.ops.ltm_triton.self_attention(q.float(), k.float(), v.float(), cos, sin, window)
     s = apply_rope_ref(q, cos.double(), sin.double()) @ apply_rope_ref(k, cos.double(), sin.double()).mT / hd**0.5
     s = s.masked_fill(~sliding_window_mask(N, window), float("-inf"))
     assert lse.shape == (B, H, N) and lse.dtype == torch.float32 and out.is_contiguous()
@@ -123,39 +122,43 @@ def test_bad_inputs_name_the_argument():
     cos, sin = rope_tables(N, hd)
     with pytest.raises(ValueError, match="hd"):
         x = torch.zeros(B, H, N, 48)
-        self_attention(x, x, x, *rope_tables(N, 48), 4)
+        self_attention_triton(x, x, x, *rope_tables(N, 48), 4)
     with pytest.raises(ValueError, match="k must match q"):
-        self_attention(q, k[:, :, :4], v, cos, sin, 4)
+        self_attention_triton(q, k[:, :, :4], v, cos, sin, 4)
     with pytest.raises(ValueError, match="v must match q"):
-        self_attention(q, k, v.half(), cos, sin, 4)
+        self_attention_triton(q, k, v.half(), cos, sin, 4)
     with pytest.raises(ValueError, match="q must be 4-D"):
-        self_attention(q[0], k[0], v[0], cos, sin, 4)
+        self_attention_triton(q[0], k[0], v[0], cos, sin, 4)
     with pytest.raises(TypeError, match="q must have dtype"):
-        self_attention(q.double(), k.double(), v.double(), cos, sin, 4)
+        self_attention_triton(q.double(), k.double(), v.double(), cos, sin, 4)
     with pytest.raises(TypeError, match="q must have dtype"):
-        self_attention(q.int(), k.int(), v.int(), cos, sin, 4)
+        self_attention_triton(q.int(), k.int(), v.int(), cos, sin, 4)
     with pytest.raises(TypeError, match="k must be a torch.Tensor"):
-        self_attention(q, None, v, cos, sin, 4)
+        self_attention_triton(q, None, v, cos, sin, 4)
     with pytest.raises(ValueError, match="window"):
-        self_attention(q, k, v, cos, sin, 0)
+        self_attention_triton(q, k, v, cos, sin, 0)
     with pytest.raises(TypeError, match="window"):
-        self_attention(q, k, v, cos, sin, 2.0)
+        self_attention_triton(q, k, v, cos, sin, 2.0)
     with pytest.raises(TypeError, match="window"):
-        self_attention(q, k, v, cos, sin, True)
+        self_attention_triton(q, k, v, cos, sin, True)
     with pytest.raises(ValueError, match="cos"):
-        self_attention(q, k, v, cos[:4], sin, 4)
+        self_attention_triton(q, k, v, cos[:4], sin, 4)
     with pytest.raises(ValueError, match="sin"):
-        self_attention(q, k, v, cos, torch.zeros(N, hd), 4)
+        self_attention_triton(q, k, v, cos, torch.zeros(N, hd), 4)
     with pytest.raises(TypeError, match="cos"):
-        self_attention(q, k, v, cos.int(), sin, 4)
+        self_attention_triton(q, k, v, cos.int(), sin, 4)
 
 
 @interpreter
 def test_opcheck():
     B, H, N, hd, window = 1, 1, 5, 32, 3
-    q, k, v, _ = (t.float().requires_grad_(True) for t in make_inputs(B, H, N, hd))
+    q, k, v, dout = (t.float().requires_grad_(True) for t in make_inputs(B, H, N, hd))
     cos, sin = rope_tables(N, hd)
-    torch.library.opcheck(torch.ops.ltm_triton.self_attention_fwd.default, (q, k, v, cos, sin, window))
+    torch.library.opcheck(torch.ops.ltm_triton.self_attention.default, (q, k, v, cos, sin, window))
+    q, k, v, dout = (t.detach() for t in (q, k, v, dout))
+    out, lse = torch.ops.ltm_triton.self_attention(q, k, v, cos, sin, window)
+    torch.library.opcheck(torch.ops.ltm_triton.self_attention_backward.default,
+                          (dout, q, k, v, cos, sin, out, lse, window))
 
 
 @interpreter
@@ -167,7 +170,7 @@ def test_torch_compile_fullgraph_traces_the_ops():
     cos, sin = rope_tables(N, hd)
 
     def fn(q, k, v, cos, sin, window):
-        return self_attention(q * 1.5, k, v, cos, sin, window) + 1.0
+        return self_attention_triton(q * 1.5, k, v, cos, sin, window) + 1.0
 
     torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
@@ -188,8 +191,8 @@ def test_gpu_low_precision_within_twice_eager_error(dtype, window):
     cos, sin = rope_tables(N, hd, device="cuda")
     want = run(self_attention_ref, q, k, v, dout, cos.double(), sin.double(), window, F64, "cuda")
     eager = run(self_attention_ref, q, k, v, dout, cos, sin, window, dtype, "cuda")
-    fused = run(self_attention, q, k, v, dout, cos, sin, window, dtype, "cuda")
-    fp32 = run(self_attention, q, k, v, dout, cos, sin, window, torch.float32, "cuda")
+    fused = run(self_attention_triton, q, k, v, dout, cos, sin, window, dtype, "cuda")
+    fp32 = run(self_attention_triton, q, k, v, dout, cos, sin, window, torch.float32, "cuda")
     floor = want[3].abs().max().item()
     for name, e, f, x, w in zip(NAMES, eager, fused, fp32, want):
         assert f.dtype == dtype and f.shape == w.shape
@@ -207,7 +210,7 @@ def test_gpu_cuda_graph_replay_equals_eager():
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
 
     def step():
-        out = self_attention(*leaves, cos, sin, window)
+        out = self_attention_triton(*leaves, cos, sin, window)
         return (out, *torch.autograd.grad(out, leaves, dout))
 
     side = torch.cuda.Stream()
@@ -238,7 +241,7 @@ def test_gpu_torch_compile_fullgraph():
     q, k, v, dout = make_inputs(B, H, N, hd, layout="bnhd")
 
     def fn(q, k, v, cos, sin):
-        return self_attention(q * 1.5, k, v, cos, sin, window) + 1.0
+        return self_attention_triton(q * 1.5, k, v, cos, sin, window) + 1.0
 
     compiled = torch.compile(fn, fullgraph=True)
     want = run(lambda q, k, v, c, s, w: fn(q, k, v, c, s), q, k, v, dout, cos, sin, window, torch.bfloat16, "cuda")
@@ -253,7 +256,7 @@ def test_gpu_opcheck():
     B, H, N, hd, window = 1, 2, 100, 64, 16
     q, k, v, _ = (t.to("cuda", torch.bfloat16).requires_grad_(True) for t in make_inputs(B, H, N, hd))
     cos, sin = rope_tables(N, hd, device="cuda")
-    torch.library.opcheck(torch.ops.ltm_triton.self_attention_fwd.default, (q, k, v, cos, sin, window))
+    torch.library.opcheck(torch.ops.ltm_triton.self_attention.default, (q, k, v, cos, sin, window))
 
 
 # ---- every kernel compiles for an H100 (sm_90), on any machine ----

@@ -10,7 +10,7 @@ Run in a subprocess: the kernels must be decorated without TRITON_INTERPRET (tes
 from triton_helpers import compile_for_sm90
 
 SCRIPT = r'''
-lce = importlib.import_module("ltm_kernels.linear_cross_entropy")
+lce = importlib.import_module("ltm_kernels.lm_head_nll")
 rms = importlib.import_module("ltm_kernels.rms_norm")
 swi = importlib.import_module("ltm_kernels.swiglu")
 pst = importlib.import_module("ltm_kernels.posterior_step_triton")

@@ -1,4 +1,4 @@
-"""linear_cross_entropy: the tied LM head and the cross-entropy, chunked over tokens.
+"""lm_head_nll_triton / lm_head_nll_chunked: the tied LM head and the cross-entropy, chunked over tokens.
 
 For hidden states h (B, N, d), the output weight W (V, d) and targets t (B, N) (t = -1: ignored):
 
@@ -21,8 +21,10 @@ the sum over rows, so it is computed in the backward, only when wanted (the deco
 loop), recomputing each chunk's logits from the saved logsumexp.
 
 Two row implementations share the chunk loop: Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1:
-`linear_cross_entropy`) and plain PyTorch (any device and dtype: `chunked_linear_cross_entropy`, the
-eager/cpp backends' LM head). The unchunked math is `reference.lm_head_nll_ref`.
+`lm_head_nll_triton`, ops `ltm_triton::lm_head_nll*`) and plain PyTorch (any device and dtype:
+`lm_head_nll_chunked`, ops `ltm_torch::lm_head_nll_chunked*`, the eager backend's LM head). Both are
+registered ops, so torch.compile(fullgraph=True) traces through them without a graph break. The unchunked
+math is `reference.lm_head_nll_ref`.
 
 No host synchronisation: everything stays on the device, so the op can be captured in a CUDA graph.
 Target ids are checked on CPU (free there); on CUDA, where a check would stall the host, a target outside
@@ -33,7 +35,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ._triton import TRITON_AVAILABLE, check_triton_tensor, grad_wanted, tl, triton
 
@@ -190,25 +191,78 @@ def _weight_grad(hidden: Tensor, weight: Tensor, targets: Tensor, lse: Tensor, g
     return dw.to(weight.dtype)
 
 
-# -------------------------------------------------------------------------------------------- autograd
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_rows, impl):
-        nll, lse, dh = _forward(hidden, weight, targets, chunk_rows, impl, want_dh=ctx.needs_input_grad[0])
-        ctx.save_for_backward(hidden, weight, targets, lse, dh)
-        ctx.chunk_rows, ctx.impl = chunk_rows, impl
-        return nll
+# ------------------------------------------------------------------------------------------ registration
+# Two implementations (Triton row kernels, plain PyTorch rows), each two opaque ops for torch.compile and
+# CUDA graphs, autograd from Python:
+#   ltm_triton::lm_head_nll(hidden, weight, targets, chunk_rows, compute_grad_hidden) -> (nll, lse, grad_hidden)
+#   ltm_triton::lm_head_nll_backward(grad, hidden, weight, targets, lse, chunk_rows) -> grad_weight
+# and the same schemas as ltm_torch::lm_head_nll_chunked / ltm_torch::lm_head_nll_chunked_backward.
+# nll (B,) and lse (B*N,) in the statistics dtype (fp32, fp64 for fp64); grad_hidden is dnll.sum()/dhidden
+# (g = 1, see the module docstring) when compute_grad_hidden, else empty (0,): the autograd backward scales it
+# by the upstream gradient. grad_weight is computed in the backward, only when wanted. Inputs as
+# `_check_inputs` validates them; the target range is checked inside the op on CPU (a data-dependent check
+# that would otherwise break a torch.compile graph).
+_OPS = {"triton": "ltm_triton::lm_head_nll", "torch": "ltm_torch::lm_head_nll_chunked"}
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
+
+def _check_targets(targets: Tensor, V: int) -> None:
+    if targets.device.type == "cpu":  # free on CPU; on CUDA it would sync the host (see the module docstring)
+        bad = targets[(targets < -1) | (targets >= V)]
+        if bad.numel():
+            raise ValueError(f"targets contains id {int(bad[0])}, outside [-1, {V}) (-1 = ignored)")
+
+
+def _define(impl: str):
+    name = _OPS[impl]
+
+    @torch.library.custom_op(name, mutates_args=())
+    def forward_op(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int, compute_grad_hidden: bool
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+        _check_targets(targets, weight.shape[0])
+        nll, lse, dh = _forward(hidden, weight, targets.contiguous(), chunk_rows, impl, compute_grad_hidden)
+        return nll, lse, hidden.new_empty(0) if dh is None else dh
+
+    @torch.library.register_fake(name)
+    def _(hidden, weight, targets, chunk_rows, compute_grad_hidden):
+        B, N, d = hidden.shape
+        stats = torch.promote_types(hidden.dtype, torch.float32)
+        dh_shape = (B, N, d) if compute_grad_hidden else (0,)
+        return (hidden.new_empty(B, dtype=stats), hidden.new_empty(B * N, dtype=stats),
+                hidden.new_empty(dh_shape))
+
+    @torch.library.custom_op(f"{name}_backward", mutates_args=())
+    def backward_op(grad: Tensor, hidden: Tensor, weight: Tensor, targets: Tensor, lse: Tensor, chunk_rows: int
+                    ) -> Tensor:
+        return _weight_grad(hidden, weight, targets.contiguous(), lse, grad, chunk_rows, impl)
+
+    @torch.library.register_fake(f"{name}_backward")
+    def _(grad, hidden, weight, targets, lse, chunk_rows):
+        return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+    def setup_context(ctx, inputs, output):
+        hidden, weight, targets, chunk_rows, _ = inputs
+        _, lse, dh = output
+        ctx.save_for_backward(hidden, weight, targets, lse, dh)
+        ctx.chunk_rows = chunk_rows
+        ctx.mark_non_differentiable(lse, dh)
+
+    def backward(ctx, grad, _grad_lse, _grad_dh):
         hidden, weight, targets, lse, dh = ctx.saved_tensors
         grad_h = grad_w = None
-        if dh is not None and grad_wanted(ctx, 0):
+        if grad_wanted(ctx, 0):
+            if dh.numel() == 0 and hidden.numel() != 0:
+                raise RuntimeError(f"{name}: the gradient of hidden is wanted, but the forward was called with "
+                                   "compute_grad_hidden=False")
             grad_h = (dh * grad[:, None, None]).to(hidden.dtype)
-        if grad_wanted(ctx, 1):
-            grad_w = _weight_grad(hidden, weight, targets, lse, grad, ctx.chunk_rows, ctx.impl)
+        if grad_wanted(ctx, 1):  # not in the inner loop: the decoder weight is a Parameter nobody asks about
+            grad_w = backward_op(grad, hidden, weight, targets, lse, ctx.chunk_rows)
         return grad_h, grad_w, None, None, None
+
+    torch.library.register_autograd(name, backward, setup_context=setup_context)
+
+
+for _impl in _OPS:
+    _define(_impl)
 
 
 # ------------------------------------------------------------------------------------------- functional
@@ -236,26 +290,16 @@ def _check_inputs(hidden, weight, targets, chunk_size) -> int:
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    V = weight.shape[0]
-    if targets.device.type == "cpu":  # free on CPU; on CUDA it would sync the host (see the module docstring)
-        bad = targets[(targets < -1) | (targets >= V)]
-        if bad.numel():
-            raise ValueError(f"targets contains id {int(bad[0])}, outside [-1, {V}) (-1 = ignored)")
-    return chunk_size or default_chunk_rows(B * N, d, V)
+    return chunk_size or default_chunk_rows(B * N, d, weight.shape[0])
 
 
-def _apply(hidden, weight, targets, chunk_size, impl) -> Tensor:
+def _apply(op, hidden, weight, targets, chunk_size) -> Tensor:
     chunk_rows = _check_inputs(hidden, weight, targets, chunk_size)
-    targets = targets.contiguous()
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, impl)
-    return _forward(hidden, weight, targets, chunk_rows, impl, want_dh=False)[0]
+    compute_grad_hidden = torch.is_grad_enabled() and hidden.requires_grad
+    return op(hidden, weight, targets, chunk_rows, compute_grad_hidden)[0]
 
 
-# The chunk loop is a graph break under torch.compile (it runs eagerly inside compiled models): tracing its
-# in-place out= GEMMs and the engine query of the backward gains nothing, since its GEMMs are already large.
-@torch.compiler.disable
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int | None = None) -> Tensor:
+def lm_head_nll_triton(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int | None = None) -> Tensor:
     """Per-sequence summed NLL (B,) of logits = hidden @ weight.T, with the Triton row kernels.
 
     hidden (B, N, d) and weight (V, d): fp32, bf16 or fp16, on CUDA (or CPU under TRITON_INTERPRET=1);
@@ -263,11 +307,9 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_
     `default_chunk_rows`); extra memory is one (chunk_size, V) buffer. Differentiable in hidden and weight.
     """
     check_triton_tensor(hidden, "hidden")
-    return _apply(hidden, weight, targets, chunk_size, "triton")
+    return _apply(torch.ops.ltm_triton.lm_head_nll, hidden, weight, targets, chunk_size)
 
 
-@torch.compiler.disable
-def chunked_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor,
-                                 chunk_size: int | None = None) -> Tensor:
-    """`linear_cross_entropy` in plain PyTorch: any device, any floating dtype (fp64 stays fp64)."""
-    return _apply(hidden, weight, targets, chunk_size, "torch")
+def lm_head_nll_chunked(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int | None = None) -> Tensor:
+    """`lm_head_nll_triton` in plain PyTorch: any device, any floating dtype (fp64 stays fp64)."""
+    return _apply(torch.ops.ltm_torch.lm_head_nll_chunked, hidden, weight, targets, chunk_size)

@@ -1,4 +1,4 @@
-"""posterior_step: one fused step of posterior inference, the innermost update of the LTM inner loop.
+"""posterior_step_cpp: one fused step of posterior inference, the innermost update of the LTM inner loop.
 
 Given grad_z = dCE/dz at the current sample z = mu + noise * sigma, sigma = exp(logvar / 2), and the loss
 CE + sum KL with KL = -0.5 * (1 + logvar - mu^2 - exp(logvar)):
@@ -21,7 +21,8 @@ giving a fixed lr, and two ops would be two kernels per device to keep in step.)
 
 The op `torch.ops.ltm.posterior_step` (schema in csrc/ltm_ops.cpp, CPU kernel in csrc/posterior_step.cpp,
 CUDA kernel in csrc/cuda/posterior_step.cu) mutates mu, logvar, the four moments, z and step and returns
-nothing. A Triton kernel of the same op is `ltm_kernels.posterior_step_triton`.
+nothing; it has no autograd (an optimizer step, run under no_grad). A Triton kernel of the same op is
+`ltm_kernels.posterior_step_triton` (`torch.ops.ltm_triton.posterior_step`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ._extension import has_op, on_load, require_extension
+from .reference import check_posterior_step_args
 
 
 def _posterior_step_fake(
@@ -47,7 +49,7 @@ def _register_fake() -> None:
         torch.library.register_fake("ltm::posterior_step")(_posterior_step_fake)
 
 
-def posterior_step(
+def posterior_step_cpp(
     mu: Tensor, logvar: Tensor,
     exp_avg_mu: Tensor, exp_avg_sq_mu: Tensor, exp_avg_logvar: Tensor, exp_avg_sq_logvar: Tensor,
     z: Tensor, grad_z: Tensor, noise: Tensor, step: Tensor,
@@ -57,11 +59,14 @@ def posterior_step(
     """Fused `posterior_step_ref` through the compiled extension; same arguments, same in-place updates.
 
     The nine latent tensors share shape, dtype and device (float32/float64/bfloat16/float16); the seven
-    updated ones must be contiguous. `step`: int64, one element, on their device. `schedule`: index into
-    `reference.SCHEDULES`. Raises RuntimeError if the extension is not available.
+    updated ones must be contiguous. `step`: int64, one element, on their device. `schedule`: a name in
+    `reference.SCHEDULES` or its index. Raises RuntimeError if the extension is not available, ValueError
+    naming the argument and its range for a bad scalar (`reference.check_posterior_step_args`), and
+    RuntimeError from the op for bad tensors.
     """
-    require_extension("posterior_step")
+    require_extension("posterior_step_cpp")
+    schedule = check_posterior_step_args(lr, total_steps, schedule, beta1, beta2, eps, weight_decay)
     torch.ops.ltm.posterior_step(
         mu, logvar, exp_avg_mu, exp_avg_sq_mu, exp_avg_logvar, exp_avg_sq_logvar, z, grad_z, noise, step,
-        float(lr), int(total_steps), int(schedule), float(beta1), float(beta2), float(eps), float(weight_decay),
+        float(lr), int(total_steps), schedule, float(beta1), float(beta2), float(eps), float(weight_decay),
     )

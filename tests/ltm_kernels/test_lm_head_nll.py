@@ -1,4 +1,4 @@
-"""linear_cross_entropy (Triton row kernels) and chunked_linear_cross_entropy (PyTorch) against the float64
+"""lm_head_nll_triton (Triton row kernels) and lm_head_nll_chunked (PyTorch) against the float64
 reference lm_head_nll_ref: loss, dH and dW, odd token counts, ignored targets, V = 17 and 50258, chunks that
 do not divide the rows; the chunked path's peak memory; input errors; the bf16 rule on a GPU."""
 import importlib
@@ -8,11 +8,11 @@ import torch
 
 from triton_helpers import INTERPRETER, assert_close, gpu, interpreter, rel_err
 
-from ltm_kernels import chunked_linear_cross_entropy, linear_cross_entropy
+from ltm_kernels import lm_head_nll_chunked, lm_head_nll_triton
 from ltm_kernels.reference import lm_head_nll_ref
 from ltm_kernels.testing import PeakMemory
 
-lce = importlib.import_module("ltm_kernels.linear_cross_entropy")  # the package binds the function's name
+lce = importlib.import_module("ltm_kernels.lm_head_nll")
 F64 = torch.float64
 # (B, N, d, V, chunk_size): odd token counts, chunks that do not divide B*N, one chunk, V = 50258 on few rows.
 SHAPES = [(3, 5, 16, 17, 4), (2, 7, 32, 17, None), (1, 3, 16, 50258, 2), (2, 1, 24, 50258, None)]
@@ -50,17 +50,17 @@ def check_against_reference(fn, B, N, d, V, chunk, dtype, tol):
 
 @pytest.mark.parametrize("B, N, d, V, chunk", SHAPES)
 def test_chunked_torch_equals_reference(B, N, d, V, chunk):
-    check_against_reference(chunked_linear_cross_entropy, B, N, d, V, chunk, F64, 1e-12)
-    check_against_reference(chunked_linear_cross_entropy, B, N, d, V, chunk, torch.float32, 1e-5)
+    check_against_reference(lm_head_nll_chunked, B, N, d, V, chunk, F64, 1e-12)
+    check_against_reference(lm_head_nll_chunked, B, N, d, V, chunk, torch.float32, 1e-5)
 
 
 @interpreter
 @pytest.mark.parametrize("B, N, d, V, chunk", SHAPES)
 def test_triton_equals_reference(B, N, d, V, chunk):
-    check_against_reference(linear_cross_entropy, B, N, d, V, chunk, torch.float32, 1e-5)
+    check_against_reference(lm_head_nll_triton, B, N, d, V, chunk, torch.float32, 1e-5)
 
 
-IMPLS = [chunked_linear_cross_entropy, pytest.param(linear_cross_entropy, marks=INTERPRETER)]
+IMPLS = [lm_head_nll_chunked, pytest.param(lm_head_nll_triton, marks=INTERPRETER)]
 
 
 @pytest.mark.parametrize("fn", IMPLS)
@@ -125,8 +125,9 @@ def test_chunked_peak_memory_is_bounded_by_the_chunk():
     chunk_bytes, full_bytes = chunk * V * 4, 512 * V * 4
     # The measurement sees full logits where they exist: the reference holds several (rows, V) tensors.
     assert peak_bytes(lambda h, w, t: lm_head_nll_ref(h, w, t), 2, 256) >= 2 * full_bytes
-    small = peak_bytes(chunked_linear_cross_entropy, 2, 256, chunk_size=chunk)
-    large = peak_bytes(chunked_linear_cross_entropy, 4, 256, chunk_size=chunk)
+    small = peak_bytes(lm_head_nll_chunked, 2, 256, chunk_size=chunk)
+    large = peak_bytes(lm_head_nll_chunked, 4, 256, chunk_size=chunk)
+    assert small >= chunk_bytes  # the chunk buffer inside the registered op is seen
     # A few chunk-sized buffers plus tensors the size of the weight (dW in fp32) and of the hidden states.
     bound = 4 * chunk_bytes + 3 * V * d * 4 + 4 * 1024 * d * 4
     assert small <= bound and large <= bound, (small, large, bound)
@@ -155,11 +156,61 @@ def test_bad_inputs_name_the_argument(fn):
             fn(**args)
 
 
+# ------------------------------------------------------------------------------------ registered ops
+OPS = [pytest.param("ltm_torch", "lm_head_nll_chunked", id="chunked"),
+       pytest.param("ltm_triton", "lm_head_nll", id="triton", marks=INTERPRETER)]
+
+
+@pytest.mark.parametrize("namespace, name", OPS)
+def test_opcheck(namespace, name):
+    """Both ops of each implementation: schema, fake kernels, autograd (dH, dW, or both) under AOTAutograd."""
+    forward = getattr(getattr(torch.ops, namespace), name)
+    backward = getattr(getattr(torch.ops, namespace), f"{name}_backward")
+    hidden, weight, targets, grad = (t.float() if t.is_floating_point() else t for t in make_inputs(2, 5, 16, 17))
+    for grad_h, grad_w in ((True, True), (True, False), (False, True)):
+        h, w = hidden.clone().requires_grad_(grad_h), weight.clone().requires_grad_(grad_w)
+        torch.library.opcheck(forward.default, (h, w, targets, 4, grad_h))
+    torch.library.opcheck(forward.default, (hidden, weight, targets, 3, False))
+    _, lse, _ = forward(hidden, weight, targets, 4, False)
+    torch.library.opcheck(backward.default, (grad, hidden, weight, targets, lse, 4))
+
+
+@pytest.mark.parametrize("fn", IMPLS)
+def test_torch_compile_fullgraph_no_graph_break(fn):
+    """The LM head traces into one graph (fullgraph=True raises on a break) and gives the eager results; with
+    the weight frozen, as in the inner loop, the compiled backward computes no dW."""
+    hidden, weight, targets, grad = make_inputs(2, 5, 16, 17)
+    h, w = hidden.float(), weight.float()
+
+    def head(h, w, t):
+        return fn(h * 1.0, w, t, chunk_size=4)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(head, fullgraph=True, backend="aot_eager")
+    for weight_grad in (True, False):
+        got, want = [], []
+        for f, out in ((compiled, got), (head, want)):
+            hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(weight_grad)
+            loss = f(hh, ww, targets)
+            loss.backward(grad.float())
+            out += [loss.detach(), hh.grad] + ([ww.grad] if weight_grad else [])
+        for name, g, e in zip(("nll", "dH", "dW"), got, want):
+            assert_close(g, e, 1e-6, name)
+
+
+def test_chunked_graph_has_the_op_and_no_break():
+    hidden, weight, targets, _ = make_inputs(2, 3, 16, 17)
+    explanation = torch._dynamo.explain(lm_head_nll_chunked)(hidden, weight, targets)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    ops = [str(n.target) for g in explanation.graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert "ltm_torch.lm_head_nll_chunked" in ops, ops
+
+
 @interpreter
 def test_triton_refuses_float64():
     hidden, weight, targets, _ = make_inputs(2, 3, 16, 17)
     with pytest.raises(TypeError, match="hidden must have dtype"):
-        linear_cross_entropy(hidden, weight, targets)
+        lm_head_nll_triton(hidden, weight, targets)
 
 
 # --------------------------------------------------------------------------------------------------- GPU
@@ -178,8 +229,8 @@ def test_gpu_bf16_within_twice_eager_error(B, N, d, V, chunk):
         return loss, h.grad, w.grad
 
     eager = run(lm_head_nll_ref, torch.bfloat16)
-    fused = run(linear_cross_entropy, torch.bfloat16, chunk_size=chunk)
-    fp32 = run(linear_cross_entropy, torch.float32, chunk_size=chunk)
+    fused = run(lm_head_nll_triton, torch.bfloat16, chunk_size=chunk)
+    fp32 = run(lm_head_nll_triton, torch.float32, chunk_size=chunk)
     for name, e, f, x, ref in zip(("nll", "dH", "dW"), eager, fused, fp32, want):
         assert_close(x, ref, 1e-4, f"{name} fp32")
         assert rel_err(f, ref) <= 2 * rel_err(e, ref) + 1e-6, (name, rel_err(f, ref), rel_err(e, ref))
@@ -203,7 +254,7 @@ def test_gpu_peak_memory():
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - start
 
-    fused, eager = peak(linear_cross_entropy), peak(lm_head_nll_ref)
+    fused, eager = peak(lm_head_nll_triton), peak(lm_head_nll_ref)
     chunk = lce.default_chunk_rows(B * N, d, V)
     assert fused <= 2 * chunk * V * 2 + 4 * h.numel() * 2, (fused, chunk)
     assert fused * 10 <= eager, (fused, eager)
@@ -215,16 +266,16 @@ def test_gpu_cuda_graph_replay():
     hidden, weight, targets, _ = make_inputs(2, 33, 64, 50258)
     h = hidden.to("cuda", torch.bfloat16).requires_grad_(True)
     w, t = weight.to("cuda", torch.bfloat16), targets.cuda()
-    expect_loss = linear_cross_entropy(h, w, t)
+    expect_loss = lm_head_nll_triton(h, w, t)
     (expect_grad,) = torch.autograd.grad(expect_loss.sum(), h)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up on a side stream, as CUDA-graph capture requires
-        linear_cross_entropy(h, w, t)
+        lm_head_nll_triton(h, w, t)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        loss = linear_cross_entropy(h, w, t)
+        loss = lm_head_nll_triton(h, w, t)
         (grad,) = torch.autograd.grad(loss.sum(), h)
     graph.replay()
     torch.cuda.synchronize()

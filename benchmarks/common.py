@@ -1,0 +1,167 @@
+"""What every benchmark script shares: timing, the record of the machine and code measured, the result file.
+
+Timing (`time_runs`): on CUDA `triton.testing.do_bench` (CUDA events, the L2 cache flushed before every run,
+as many runs as fit its time budget after a warm-up); on CPU `torch.utils.benchmark.Timer` (this process's
+thread count, one call per sample, after untimed warm-up calls). Both return the seconds of every timed
+run, so result files keep the raw samples; `median` summarises them.
+
+Environment (`environment`): device (GPU name, memory, SMs, clocks; CPU model, ISA flags, threads),
+versions (python, torch, CUDA, triton) and the git commit, `-dirty` when tracked code differs from it.
+
+Results (`write_result`): one JSON file per run under `RESULTS_DIR`, named after the benchmark, the device
+and the date unless a path is given.
+
+Scripts run from anywhere as `python benchmarks/<script>.py` (Python puts this folder on sys.path) and are
+imported by the tests through pytest's `pythonpath` setting.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import statistics
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
+# ISA extensions that decide which CPU kernels and dtypes run fast (as /proc/cpuinfo spells them).
+CPU_ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                 "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve", "sve2", "bf16")
+
+
+class Unavailable(Exception):
+    """This variant cannot run here; the message says why."""
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_runs(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1,
+              cuda_budget_ms: float = 100.0) -> list[float]:
+    """Seconds of each timed run of `fn()`.
+
+    CPU: `warmup` untimed calls, then `repeats` calls each timed by torch.utils.benchmark.Timer with the
+    current thread count (Timer would otherwise pin one thread). CUDA: triton.testing.do_bench with
+    return_mode="all": L2 flushed before each run, CUDA events; it warms up for 25 ms and times as many runs
+    as fit in `cuda_budget_ms` (`repeats` and `warmup` do not apply)."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    if device.type == "cuda":
+        import triton.testing
+
+        with torch.cuda.device(device):
+            return [ms / 1e3 for ms in triton.testing.do_bench(fn, warmup=25, rep=cuda_budget_ms,
+                                                                return_mode="all")]
+    from torch.utils import benchmark
+
+    for _ in range(warmup):
+        fn()
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    # Timer.timeit runs two untimed calls of its own first; the samples are its timed calls only.
+    return [timer.timeit(number=1).times[0] for _ in range(repeats)]
+
+
+def median(times: list[float]) -> float:
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------- environment
+def git_commit() -> str:
+    """HEAD of the checkout, `-dirty` when tracked files differ (result files rewritten by earlier runs do
+    not count: they do not change the measured code); "unknown" outside a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=here)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                ":(exclude,top)benchmarks/results"], capture_output=True,
+                               text=True, timeout=10, cwd=here).stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "") if head.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def cpu_info() -> dict:
+    """CPU model and the ISA flags of CPU_ISA_FLAGS it has (Linux /proc/cpuinfo; elsewhere the model only)."""
+    name, flags = None, []
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if name is None and key in ("model name", "Model"):
+            name = value.strip()
+        elif not flags and key in ("flags", "Features"):
+            have = set(value.split())
+            flags = [f for f in CPU_ISA_FLAGS if f in have]
+    name = name or platform.processor() or platform.machine()
+    return {"cpu": name, "cpu_isa": flags, "cpu_count": len([ln for ln in lines if ln.startswith("processor")])}
+
+
+def _nvidia_smi():
+    """Clocks and power limit, when nvidia-smi is there to ask."""
+    fields = "clocks.sm,clocks.max.sm,clocks.mem,power.limit,power.max_limit,driver_version"
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0 or not out.stdout.strip():
+        return None
+    return dict(zip(fields.split(","), (v.strip() for v in out.stdout.splitlines()[0].split(","))))
+
+
+def device_info(device: torch.device) -> dict:
+    """The device measured, the host's CPU and the versions: `name` is the GPU's, or the CPU model."""
+    info = {"type": device.type, "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "threads": torch.get_num_threads(), **cpu_info()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(name=props.name, cuda=torch.version.cuda, memory_bytes=props.total_memory,
+                    sm_count=props.multi_processor_count, nvidia_smi=_nvidia_smi())
+    else:
+        info["name"] = info["cpu"]
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except Exception:  # not installed, or broken: recorded as absent
+        info["triton"] = None
+    return info
+
+
+def environment(device: torch.device) -> dict:
+    """The record every result file starts with: when, which code, which machine."""
+    return {"date": dt.datetime.now().isoformat(timespec="seconds"), "commit": git_commit(),
+            "device": device_info(device)}
+
+
+# -------------------------------------------------------------------------------------------- results
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-").lower()[:48] or "device"
+
+
+def write_result(result: dict, benchmark: str, out: Path | None = None) -> Path:
+    """Write `result` (with its `device` record) as JSON to `out`, or to
+    RESULTS_DIR/<benchmark>_<device name>_<date>.json; returns the path."""
+    if out is None:
+        name = result.get("device", {}).get("name") or result.get("device", {}).get("type", "device")
+        out = RESULTS_DIR / f"{benchmark}_{slug(name)}_{dt.date.today()}.json"
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return out
+
+
+def max_rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want|, in float64: one number per output for the correctness gates."""
+    got, want = got.detach().double(), want.detach().double()
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
