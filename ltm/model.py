@@ -1,4 +1,4 @@
-"""The LTM decoder (DESIGN section 1): a pre-norm transformer whose every layer cross-attends to its own
+"""The LTM decoder (docs/model.md, 'The decoder'): a pre-norm transformer whose every layer cross-attends to its own
 latent thought vectors.
 
 Module and parameter names follow the published implementation (`tok_embeddings`, `layers.{i}.attention.wq`,
@@ -251,7 +251,7 @@ class LTMDecoder(nn.Module):
 
     def infer_posterior(self, tokens, targets, steps=None, lr=0.34, schedule="cosine", weight_decay=0.01,
                         mu=None, logvar=None, noise=None, generator=None):
-        """Fit q(z | x) = N(mu, diag exp(logvar)) with the fast inner loop (DESIGN section 2)."""
+        """Fit q(z | x) = N(mu, diag exp(logvar)) with the fast inner loop (docs/model.md, 'The inner loop')."""
         from ltm.posterior import infer_posterior
 
         return infer_posterior(self, tokens, targets, steps=steps, lr=lr, schedule=schedule,
