@@ -335,7 +335,12 @@ class LTMDecoder(nn.Module):
         save_pretrained(self, directory)
 
     @classmethod
-    def from_pretrained(cls, directory, backend: str = "auto", encoding: Optional[str] = None) -> "LTMDecoder":
-        from ltm.interop import from_pretrained
+    def from_pretrained(cls, directory, backend: str = "auto", encoding: Optional[str] = None, **hub_options):
+        from ltm.interop import from_pretrained  # directory: a save_pretrained folder, or a Hub repo id (ltm.hub)
 
-        return from_pretrained(cls, directory, backend=backend, encoding=encoding)
+        return from_pretrained(cls, directory, backend=backend, encoding=encoding, **hub_options)
+
+    def push_to_hub(self, repo_id: str, **hub_options):
+        from ltm.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **hub_options)
