@@ -11,11 +11,11 @@ a model card and uploads it. The Hub parts need the optional extra: `pip install
 The tokenizer guard (`from_pretrained(..., encoding=...)`) and the safetensors format are the same for both
 sources; published checkpoints load through `LTMDecoder.from_published_checkpoint` as before.
 """
+
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 from ltm.config import LTMConfig
 
@@ -52,8 +52,14 @@ def _import_hub(purpose: str):
     return huggingface_hub
 
 
-def resolve_folder(folder_or_repo, revision: Optional[str] = None, cache_dir=None, local_files_only: bool = False,
-                   token=None, force_download: bool = False) -> Path:
+def resolve_folder(
+    folder_or_repo,
+    revision: str | None = None,
+    cache_dir=None,
+    local_files_only: bool = False,
+    token=None,
+    force_download: bool = False,
+) -> Path:
     """The local folder to load a model from: `folder_or_repo` itself when it is a folder, else the Hub cache's
     copy of that repo's config.json and model.safetensors at `revision` (downloaded unless `local_files_only`)."""
     path = Path(folder_or_repo)
@@ -64,8 +70,10 @@ def resolve_folder(folder_or_repo, revision: Optional[str] = None, cache_dir=Non
             raise ValueError(f"{', '.join(given)} apply to Hub repos; {path} is a local folder")
         return path
     if path.exists():
-        raise NotADirectoryError(f"{path} is a file; from_pretrained takes a save_pretrained folder or a Hub repo "
-                                 "id (a published checkpoint file loads with from_published_checkpoint)")
+        raise NotADirectoryError(
+            f"{path} is a file; from_pretrained takes a save_pretrained folder or a Hub repo "
+            "id (a published checkpoint file loads with from_published_checkpoint)"
+        )
     try:
         hub = _import_hub(f"{str(folder_or_repo)!r} is no local folder; loading it as a Hub repo id")
     except ImportError as err:
@@ -76,22 +84,36 @@ def resolve_folder(folder_or_repo, revision: Optional[str] = None, cache_dir=Non
     except ValueError as err:
         raise FileNotFoundError(f"no folder {path}, and {repo_id!r} is not a Hub repo id either") from err
     try:
-        local = hub.snapshot_download(repo_id, allow_patterns=[CONFIG_FILE, SAFETENSORS_FILE],
-                                      local_files_only=local_files_only, force_download=force_download,
-                                      library_name="ltm-kernels", **hub_options)
+        local = hub.snapshot_download(
+            repo_id,
+            allow_patterns=[CONFIG_FILE, SAFETENSORS_FILE],
+            local_files_only=local_files_only,
+            force_download=force_download,
+            library_name="ltm-kernels",
+            **hub_options,
+        )
     except (OSError, ValueError) as err:
         where = "in the Hub cache" if local_files_only else "on the Hugging Face Hub"
-        raise OSError(f"no folder {path}, and no Hub repo {repo_id!r} (revision {revision or 'main'}) {where}: "
-                      f"{err}") from err
+        raise OSError(
+            f"no folder {path}, and no Hub repo {repo_id!r} (revision {revision or 'main'}) {where}: {err}"
+        ) from err
     return Path(local)
 
 
 def model_card(cfg: LTMConfig, repo_id: str, n_params: int) -> str:
     """README.md of a pushed model: Hub metadata, the sizes, and how to load it."""
-    rows = [("layers", cfg.n_layer), ("d_model", cfg.d_model), ("heads", cfg.n_head),
-            ("latents n_z (total)", cfg.n_z), ("context", cfg.max_seq_len), ("window", cfg.window_size),
-            ("inner-loop steps T_fast", cfg.t_fast), ("vocabulary", cfg.vocab_size), ("tokenizer", cfg.encoding),
-            ("parameters", f"{n_params:,}")]
+    rows = [
+        ("layers", cfg.n_layer),
+        ("d_model", cfg.d_model),
+        ("heads", cfg.n_head),
+        ("latents n_z (total)", cfg.n_z),
+        ("context", cfg.max_seq_len),
+        ("window", cfg.window_size),
+        ("inner-loop steps T_fast", cfg.t_fast),
+        ("vocabulary", cfg.vocab_size),
+        ("tokenizer", cfg.encoding),
+        ("parameters", f"{n_params:,}"),
+    ]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     return f"""---
 library_name: ltm-kernels
@@ -116,8 +138,16 @@ model = LTMDecoder.from_pretrained("{repo_id}", encoding="{cfg.encoding}")
 """
 
 
-def push_to_hub(model, repo_id: str, commit_message: Optional[str] = None, private: Optional[bool] = None,
-                token=None, revision: Optional[str] = None, create_pr: bool = False, card: Optional[str] = None):
+def push_to_hub(
+    model,
+    repo_id: str,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token=None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    card: str | None = None,
+):
     """Upload `model` (save_pretrained's two files and a model card, `card` or a generated one) to the Hub
     repo `repo_id`, created if missing; returns huggingface_hub's CommitInfo (its commit URL)."""
     hub = _import_hub("push_to_hub")
@@ -130,5 +160,10 @@ def push_to_hub(model, repo_id: str, commit_message: Optional[str] = None, priva
         text = model_card(model.cfg, repo_id, model.n_params) if card is None else card
         (Path(folder) / CARD_FILE).write_text(text)
         repo = api.create_repo(repo_id, private=private, exist_ok=True)
-        return api.upload_folder(repo_id=repo.repo_id, folder_path=folder, revision=revision, create_pr=create_pr,
-                                 commit_message=commit_message or "Upload a Latent Thought Model (ltm-kernels)")
+        return api.upload_folder(
+            repo_id=repo.repo_id,
+            folder_path=folder,
+            revision=revision,
+            create_pr=create_pr,
+            commit_message=commit_message or "Upload a Latent Thought Model (ltm-kernels)",
+        )

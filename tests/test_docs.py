@@ -1,5 +1,6 @@
 """The docs/ pages stay true to the code: every citation of a page names a page and a section that exist,
 nothing refers to a document outside the repository, and the presets table is the code's."""
+
 import re
 from pathlib import Path
 
@@ -66,8 +67,11 @@ def test_links_between_pages_resolve():
 def test_no_file_refers_to_a_document_outside_the_repository():
     # Spelled in pieces so that this file does not match itself.
     outside = re.compile("|".join([r"DESIGN" + r"\.md", r"DESIGN" + r" section", r"shared project" + r" folder"]))
-    hits = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in repository_text_files()
-            for m in outside.finditer(p.read_text(errors="replace"))]
+    hits = [
+        f"{p.relative_to(ROOT)}: {m.group(0)}"
+        for p in repository_text_files()
+        for m in outside.finditer(p.read_text(errors="replace"))
+    ]
     assert not hits, "\n".join(hits)
 
 
@@ -87,6 +91,15 @@ def test_the_presets_table_is_the_code(name):
     cfg = LTMConfig.from_name(name)
     with torch.device("meta"):  # sizes only: no memory, no init
         params = LTMDecoder(cfg, backend="eager").n_params
-    expected = [cfg.n_layer, cfg.d_model, cfg.n_head, cfg.n_z, cfg.max_seq_len, cfg.window_size, cfg.t_fast,
-                cfg.vocab_size, f"{params:,}"]
+    expected = [
+        cfg.n_layer,
+        cfg.d_model,
+        cfg.n_head,
+        cfg.n_z,
+        cfg.max_seq_len,
+        cfg.window_size,
+        cfg.t_fast,
+        cfg.vocab_size,
+        f"{params:,}",
+    ]
     assert rows[name] == [str(v) for v in expected]

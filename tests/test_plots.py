@@ -1,5 +1,6 @@
 """The `plot` extra: `ltm eval --plot` (the inference-time scaling curve) and `benchmarks/inner_loop.py --plot`
 render real PNG files, drawn from the results they are given."""
+
 import importlib.util
 from pathlib import Path
 
@@ -37,17 +38,40 @@ def test_eval_plot_renders_the_scaling_curve(tmp_path):
     LTMDecoder(LTMConfig.from_name("ltm-tiny"), backend="eager").save_pretrained(tmp_path / "model")
     (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog. " * 8)
     png = tmp_path / "curve.png"
-    status = ltm_main(["eval", str(tmp_path / "model"), "--text", str(tmp_path / "text.txt"), "--steps", "0", "2",
-                       "--seq-len", "16", "--batch-size", "2", "--max-blocks", "4", "--iw-samples", "2",
-                       "--backend", "eager", "--plot", str(png)])
+    status = ltm_main(
+        [
+            "eval",
+            str(tmp_path / "model"),
+            "--text",
+            str(tmp_path / "text.txt"),
+            "--steps",
+            "0",
+            "2",
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "2",
+            "--max-blocks",
+            "4",
+            "--iw-samples",
+            "2",
+            "--backend",
+            "eager",
+            "--plot",
+            str(png),
+        ]
+    )
     assert status == 0
     check_png(png)
 
 
 def test_eval_plot_draws_the_results_it_is_given(tmp_path):
     def results(scale):
-        return [dict(T=t, ppl_bound=scale * p, ppl_iw=scale * p * 0.9, iw_samples=4)
-                for t, p in ((0, 300.0), (4, 120.0), (16, 80.0))]
+        return [
+            dict(T=t, ppl_bound=scale * p, ppl_iw=scale * p * 0.9, iw_samples=4)
+            for t, p in ((0, 300.0), (4, 120.0), (16, 80.0))
+        ]
+
     assert plot_scaling(results(1.0), tmp_path / "a.png") and plot_scaling(results(5.0), tmp_path / "b.png")
     a, b = check_png(tmp_path / "a.png"), check_png(tmp_path / "b.png")
     assert a.shape == b.shape and not torch.equal(a, b), "different results must give different plots"
@@ -61,8 +85,23 @@ def bench():
     return module
 
 
-TINY = ["--preset", "ltm-tiny", "--batch", "1", "--seq", "16", "--steps", "2", "--device", "cpu", "--dtype", "fp32",
-        "--check-steps", "1", "--plot"]
+TINY = [
+    "--preset",
+    "ltm-tiny",
+    "--batch",
+    "1",
+    "--seq",
+    "16",
+    "--steps",
+    "2",
+    "--device",
+    "cpu",
+    "--dtype",
+    "fp32",
+    "--check-steps",
+    "1",
+    "--plot",
+]
 
 
 @pytest.mark.slow
@@ -70,8 +109,11 @@ TINY = ["--preset", "ltm-tiny", "--batch", "1", "--seq", "16", "--steps", "2", "
 def test_benchmark_plot_renders(bench, tmp_path, monkeypatch, shape):
     """Bars per variant for one configuration; a curve per variant for a sweep."""
     monkeypatch.setattr(bench, "measured_matmul_tflops", lambda device, dtype: 1.0)  # timing the machine: not needed
-    args = ["--variants", "reference,eager"] if shape == "variants" else \
-        ["--variants", "eager", "--sweep", "steps", "--sweep-values", "1,2"]
+    args = (
+        ["--variants", "reference,eager"]
+        if shape == "variants"
+        else ["--variants", "eager", "--sweep", "steps", "--sweep-values", "1,2"]
+    )
     out = tmp_path / "result.json"
     bench.main(TINY + args + ["--out", str(out)])
     check_png(out.with_suffix(".png"))

@@ -1,6 +1,7 @@
 """Hub-style checkpoints (ltm.hub): the flat config.json, loading from a local folder or from the Hub cache, and
 push_to_hub. No test opens a network connection (the `no_network` fixture makes any attempt fail): the Hub
 repo is a folder laid out as huggingface_hub's cache, and the upload is intercepted at HfApi."""
+
 import json
 import shutil
 import socket
@@ -98,8 +99,9 @@ def test_a_file_is_not_a_pretrained_folder(saved):
 def test_a_hub_repo_loads_from_the_cache_offline(hub, saved, tmp_path):
     model, folder = saved
     cache_repo(tmp_path / "cache", REPO, folder)
-    loaded = LTMDecoder.from_pretrained(REPO, backend="eager", encoding="bytes", cache_dir=tmp_path / "cache",
-                                        local_files_only=True)
+    loaded = LTMDecoder.from_pretrained(
+        REPO, backend="eager", encoding="bytes", cache_dir=tmp_path / "cache", local_files_only=True
+    )
     assert loaded.cfg == CFG and torch.equal(logits_of(loaded), logits_of(model))
     assert loaded.output.weight is loaded.tok_embeddings.weight
     with pytest.raises(ValueError, match="'bytes'.*'gpt2'|'gpt2'.*'bytes'"):  # the tokenizer guard holds here too
