@@ -36,6 +36,18 @@ TORCH_LIBRARY(ltm, m) {
   // Gradients of latent_attention's out with respect to q, k, v, from the forward's out and lse.
   m.def("latent_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor cos_q, Tensor sin_q, "
         "Tensor cos_k, Tensor sin_k, Tensor out, Tensor lse) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // The LM head with its cross-entropy, without (rows x V) logits: hidden (B, N, d), weight (V, d), targets
+  // (B, N) int64 in [0, V) or -1 (ignored). Returns nll (B,), each sequence's summed -log softmax(l)[target] of
+  // logits l = hidden weight^T; lse (B * N,), each row's logsumexp (for the backward); and when compute_grad,
+  // dh (B, N, d) = softmax(l) weight - weight[target] (0 for ignored rows), else an empty tensor. nll, lse and
+  // dh are float32 (float64 for float64 inputs). See ltm_kernels/lm_head_nll_cpp.py and csrc/lm_head.cpp.
+  m.def("lm_head_nll(Tensor hidden, Tensor weight, Tensor targets, bool compute_grad) -> (Tensor nll, "
+        "Tensor lse, Tensor dh)");
+  // Gradients of lm_head_nll's nll for the upstream grad (B,): grad_hidden = grad[b] dh (the forward's dh) in
+  // hidden's dtype when hidden_grad, and grad_weight (V, d) in weight's dtype, recomputed from lse, when
+  // weight_grad; each is an empty tensor when not asked for.
+  m.def("lm_head_nll_backward(Tensor grad, Tensor hidden, Tensor weight, Tensor targets, Tensor lse, "
+        "Tensor dh, bool hidden_grad, bool weight_grad) -> (Tensor grad_hidden, Tensor grad_weight)");
 }
 
 // `import ltm_kernels._C` is what runs the static registrations above; the module itself stays empty.

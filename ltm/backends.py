@@ -3,7 +3,8 @@
 Backends (docs/backends.md):
 - ``eager``  plain PyTorch (`ltm_kernels.reference`): the readable reference and the fallback everywhere.
 - ``cpp``    the compiled extension `ltm_kernels._C` for the ops it implements on the model's device
-             (CPU: posterior step, blocked sliding-window self-attention, latent cross-attention; CUDA:
+             (CPU: posterior step, blocked sliding-window self-attention, latent cross-attention, the LM head
+             with its cross-entropy; CUDA:
              posterior step where built with nvcc); the remaining ops run eagerly, as `Ops.impl` records.
              Asking for it without a built extension, or on a device it has no kernel for, is an error.
 - ``triton`` fused Triton kernels (`rms_norm`, `add_rms_norm`, `swiglu`, `self_attention`, `latent_attention`,
@@ -12,7 +13,7 @@ Backends (docs/backends.md):
 - ``auto``   the fastest implementation available for each op on the model's device: Triton kernels on
              CUDA (half and fp32 tensors), the extension where built, else eager. Never the interpreter.
 
-The eager LM head (`lm_head_nll` of eager / cpp / auto on CPU) is the chunked PyTorch loss
+The eager LM head (`lm_head_nll` of eager, and of cpp / auto where the extension has no kernel) is the chunked PyTorch loss
 `ltm_kernels.chunked_linear_cross_entropy`, so no backend materialises (B*N, V) logits;
 `reference.lm_head_nll_ref` remains the readable definition the tests compare against.
 
@@ -63,7 +64,8 @@ _EAGER = dict(
 # Ops the C++ extension implements, by name (schema `ltm::<name>`); the functional wrappers live in ltm_kernels.
 _CPP = dict(posterior_step=ltm_kernels.posterior_step,
             self_attention=ltm_kernels.self_attention_cpp,
-            latent_attention=ltm_kernels.latent_attention_cpp)
+            latent_attention=ltm_kernels.latent_attention_cpp,
+            lm_head_nll=ltm_kernels.lm_head_nll_cpp)
 
 # Ops with a Triton kernel; the first argument's dtype decides whether `auto` may use it.
 _TRITON = dict(

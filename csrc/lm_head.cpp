@@ -1,0 +1,519 @@
+// CPU kernel of the LM head with its cross-entropy (schemas in ltm_ops.cpp; autograd, fake kernels and the
+// functional in ltm_kernels/lm_head_nll_cpp.py; the eager definition is reference.lm_head_nll_ref):
+//   ltm::lm_head_nll           per-sequence summed NLL of logits = hidden weight^T, the rows' logsumexp and,
+//                              when asked, dh = d(row NLL)/d(hidden row) = softmax(l) weight - weight[target]
+//   ltm::lm_head_nll_backward  grad_hidden = grad[b] dh, and grad_weight only when asked (decoder updates)
+//
+// Why one pass and no (rows x V) logits: the inner loop needs the NLL and dh at every step, for 2048 rows and
+// V = 50258 (400 MB of fp32 logits). The rows are split into tasks of `rows_per_task`; a task walks the
+// vocabulary in blocks of `vocab_block` weight rows and keeps, per row, the running max m, the running sum
+// s = sum_j exp(l_j - m) and the accumulator a = sum_j exp(l_j - m) W_j, rescaling s and a by exp(m_old - m)
+// when m grows (the online softmax of FlashAttention, with W as the values). A block's logits are consumed in
+// cache right after the GEMM that makes them, the softmax gradient overwrites them in place, and at the end
+//   lse = m + log s,   nll_row = lse - l_target,   dh = a / s - W_target         (0 for target -1).
+// dW (decoder updates only) recomputes the logits per vocabulary block from the saved lse: one task per block.
+//
+// Engines, picked per call by `choose_plan`:
+//   avx512  float, x86 with AVX-512F: the transposed problem l^T = W H^T, so that a SIMD vector spans 16 rows
+//           (tokens) and the softmax's max, exp and sum run across rows with no horizontal reduction. Both
+//           GEMMs (l^T = W_j H^T and a^T += W_j^T P^T) use one 12 x 32 register-tile kernel that broadcasts
+//           weight elements against rows of a packed H^T (or P^T) panel; nothing of W is packed or copied.
+//   blas    float64, and float without AVX-512: the row-major problem with the BLAS GEMM of blas.h.
+// bfloat16 / float16 inputs are converted to float on entry and computed in float.
+// Workspace: per-thread buffers that only ever grow, kept across calls (thread_local), so the inner loop's
+// steps reuse them instead of page-faulting fresh ones in every step.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "blas.h"
+#include "cpu_isa.h"
+#include "vectorisable_exp.h"
+
+// GCC 12's AVX-512 intrinsics start from an undefined register (_mm512_undefined_ps), which
+// -Wmaybe-uninitialized reports in every function that inlines them: a false positive of the header.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <tuple>
+#include <type_traits>
+
+namespace ltm {
+namespace {
+
+// ------------------------------------------------------------------------------------------- workspace
+
+// A per-thread buffer of at least `n` elements, 64-byte aligned, contents undefined. It only grows, so the
+// inner loop's second and later steps allocate nothing.
+template <typename T, int kSlot>
+T* scratch(int64_t n) {
+  struct Buffer {
+    void* p = nullptr;
+    size_t bytes = 0;
+    ~Buffer() { std::free(p); }
+  };
+  thread_local Buffer buf;
+  const size_t want = static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T);
+  if (want > buf.bytes) {
+    std::free(buf.p);
+    const size_t rounded = (want + 63) / 64 * 64;
+    buf.p = std::aligned_alloc(64, rounded);
+    TORCH_CHECK(buf.p != nullptr, "lm_head_nll: out of memory allocating ", rounded, " bytes of workspace");
+    buf.bytes = rounded;
+  }
+  return static_cast<T*>(buf.p);
+}
+
+// ------------------------------------------------------------------------------------------------- plan
+
+enum class Engine { kAvx512, kBlas };
+
+struct Plan {
+  Engine engine;
+  int64_t rows_per_task;  // a multiple of 32 for avx512 (its tile is 32 rows wide)
+  int64_t vocab_block;    // weight rows per block: a block's logits (rows_per_task x vocab_block) stay in L2
+};
+
+// Block sizes measured on a 2-core AMD EPYC (Zen 5, 1 MB L2 per core) and a 2-core Intel Xeon (AVX-512,
+// 2 MB L2), d = 256, V = 50258, 2048 rows (benchmarks/NOTES.md, "LM head"): 96 rows x 252 vocabulary rows keeps
+// H^T, a^T, the logit block and the weight block (~550 KB) in L2 on both; fewer rows per task re-stream W
+// more often, more leave too few tasks for two threads. Small problems shrink the task so every thread works.
+template <typename T>
+Plan choose_plan(int64_t rows, int64_t d) {
+  const bool avx512 = std::is_same_v<T, float> && cpu_isa() == Isa::kAvx512;
+  const int64_t threads = at::get_num_threads();
+  int64_t per_task = avx512 ? 96 : 64;
+  while (per_task > 32 && (rows + per_task - 1) / per_task < 2 * threads) {
+    per_task -= 32;
+  }
+  // d = 256 gives 252 rows (a multiple of the 12-row tile); for larger d, keep the weight block near 256 KB.
+  const int64_t target_rows = (64 * 1024) / std::max<int64_t>(d, 1);
+  const int64_t vocab_block = avx512 ? std::clamp<int64_t>(target_rows / 12 * 12, 12, 252)
+                                     : std::clamp<int64_t>(target_rows, 16, 256);
+  return {avx512 ? Engine::kAvx512 : Engine::kBlas, per_task, vocab_block};
+}
+
+// ----------------------------------------------------------------------------------------- avx512 engine
+#if defined(__x86_64__)
+#define LTM_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,fma")))
+
+constexpr int kTileRows = 12;  // 12 x 2 accumulators + 2 B vectors + 1 broadcast: 27 of the 32 zmm registers
+
+// C[i][0:32] (+)= sum_k A(i, k) B[k][0:32] for i < MR, with A(i, k) = a[i * a_i + k * a_k]. `col_scale` null:
+// C = acc; else C = C * col_scale + acc (the online softmax's rescale of a^T, fused into the store).
+template <int MR>
+LTM_AVX512 inline void tile(int64_t K, const float* a, int64_t a_i, int64_t a_k, const float* b, int64_t ldb,
+                            float* c, int64_t ldc, const float* col_scale) {
+  __m512 acc0[MR], acc1[MR];
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) {
+    acc0[i] = _mm512_setzero_ps();
+    acc1[i] = _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 b0 = _mm512_loadu_ps(b + k * ldb);
+    const __m512 b1 = _mm512_loadu_ps(b + k * ldb + 16);
+    const float* ak = a + k * a_k;
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i) {
+      const __m512 x = _mm512_set1_ps(ak[i * a_i]);
+      acc0[i] = _mm512_fmadd_ps(x, b0, acc0[i]);
+      acc1[i] = _mm512_fmadd_ps(x, b1, acc1[i]);
+    }
+  }
+  if (col_scale == nullptr) {
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i) {
+      _mm512_storeu_ps(c + i * ldc, acc0[i]);
+      _mm512_storeu_ps(c + i * ldc + 16, acc1[i]);
+    }
+  } else {
+    const __m512 s0 = _mm512_loadu_ps(col_scale), s1 = _mm512_loadu_ps(col_scale + 16);
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i) {
+      _mm512_storeu_ps(c + i * ldc, _mm512_fmadd_ps(_mm512_loadu_ps(c + i * ldc), s0, acc0[i]));
+      _mm512_storeu_ps(c + i * ldc + 16, _mm512_fmadd_ps(_mm512_loadu_ps(c + i * ldc + 16), s1, acc1[i]));
+    }
+  }
+}
+
+template <int MR>
+LTM_AVX512 void tile_rows(int64_t K, const float* a, int64_t a_i, int64_t a_k, const float* b, int64_t ldb,
+                          float* c, int64_t ldc, const float* col_scale, int mr) {
+  if constexpr (MR > 0) {
+    if (mr == MR) {
+      tile<MR>(K, a, a_i, a_k, b, ldb, c, ldc, col_scale);
+    } else {
+      tile_rows<MR - 1>(K, a, a_i, a_k, b, ldb, c, ldc, col_scale, mr);
+    }
+  }
+}
+
+// C (m x n, n a multiple of 32) (+)= A (m x K, element (i, k) at a[i * a_i + k * a_k]) B (K x n, row-major).
+// The 32-column panel of B (K x 32) stays in L1 while the tiles walk down A.
+LTM_AVX512 void gemm_panels(int64_t m, int64_t n, int64_t K, const float* a, int64_t a_i, int64_t a_k,
+                            const float* b, int64_t ldb, float* c, int64_t ldc, const float* col_scale) {
+  for (int64_t j = 0; j < n; j += 32) {
+    const float* cs = col_scale == nullptr ? nullptr : col_scale + j;
+    int64_t i = 0;
+    for (; i + kTileRows <= m; i += kTileRows) {
+      tile<kTileRows>(K, a + i * a_i, a_i, a_k, b + j, ldb, c + i * ldc + j, ldc, cs);
+    }
+    if (i < m) {
+      tile_rows<kTileRows - 1>(K, a + i * a_i, a_i, a_k, b + j, ldb, c + i * ldc + j, ldc, cs,
+                               static_cast<int>(m - i));
+    }
+  }
+}
+
+// exp_softmax of vectorisable_exp.h, 16 lanes: the same polynomial and clamps (max/min with the constant
+// first, so a NaN x is returned unchanged and stays NaN), results for x < -87 flushed to 0.
+LTM_AVX512 inline __m512 exp_softmax16(__m512 x) {
+  const __m512 xc = _mm512_min_ps(_mm512_set1_ps(88.73f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
+  const __m512 kRound = _mm512_set1_ps(12582912.0f);
+  const __m512 t = _mm512_fmadd_ps(xc, _mm512_set1_ps(1.44269504088896341f), kRound);
+  const __m512 n = _mm512_sub_ps(t, kRound);
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f),
+                                    _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc));
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+  const __m512i ni = _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_castps_si512(kRound));
+  const __m512i n1 = _mm512_srai_epi32(ni, 1), n2 = _mm512_sub_epi32(ni, n1);
+  const __m512i bias = _mm512_set1_epi32(127);
+  const __m512 s1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n1, bias), 23));
+  const __m512 s2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n2, bias), 23));
+  const __m512 e = _mm512_mul_ps(_mm512_mul_ps(p, s1), s2);
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+  return _mm512_mask_blend_ps(tiny, e, _mm512_setzero_ps());
+}
+
+// One task: rows [r0, r0 + rows) of the flattened (M, d) hidden. Writes lse and the row NLL, and dh when wanted.
+LTM_AVX512 void task_avx512(const float* H, const float* W, const int64_t* tgt, int64_t rows, int64_t d,
+                            int64_t V, int64_t vb, bool want_dh, float* lse, float* row_nll, float* dh) {
+  const int64_t rp = (rows + 31) / 32 * 32;  // padded rows: the tile is 32 wide; pad rows hold zeros
+  float* ht = scratch<float, 0>(d * rp);      // H^T (d x rp)
+  float* lt = scratch<float, 1>(vb * rp);     // l^T then P^T of one vocabulary block (vb x rp)
+  float* at = scratch<float, 2>(want_dh ? d * rp : 1);  // a^T (d x rp)
+  float* stat = scratch<float, 3>(4 * rp);    // m, s, rescale, target logit
+  float *m = stat, *s = stat + rp, *scale = stat + 2 * rp, *tl = stat + 3 * rp;
+  for (int64_t k = 0; k < d; ++k) {
+    float* row = ht + k * rp;
+    for (int64_t t = 0; t < rows; ++t) {
+      row[t] = H[t * d + k];
+    }
+    std::fill(row + rows, row + rp, 0.0f);
+  }
+  std::fill(m, m + rp, -std::numeric_limits<float>::infinity());
+  std::fill(s, s + rp, 0.0f);
+  std::fill(tl, tl + rp, 0.0f);
+  if (want_dh) {
+    std::fill(at, at + d * rp, 0.0f);
+  }
+  for (int64_t j0 = 0; j0 < V; j0 += vb) {
+    const int64_t jb = std::min(vb, V - j0);
+    const float* Wj = W + j0 * d;
+    gemm_panels(jb, rp, d, Wj, d, 1, ht, rp, lt, rp, nullptr);  // l^T = W_j H^T
+    for (int64_t t = 0; t < rows; ++t) {
+      const int64_t c = tgt[t] - j0;
+      if (c >= 0 && c < jb) {
+        tl[t] = lt[c * rp + t];
+      }
+    }
+    for (int64_t t = 0; t < rp; t += 16) {
+      const __m512 m_old = _mm512_loadu_ps(m + t);
+      __m512 mx = m_old;
+      for (int64_t c = 0; c < jb; ++c) {
+        mx = _mm512_max_ps(mx, _mm512_loadu_ps(lt + c * rp + t));
+      }
+      const __m512 sc = exp_softmax16(_mm512_sub_ps(m_old, mx));  // m_old = -inf at the first block: 0
+      __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(s + t), sc);
+      for (int64_t c = 0; c < jb; ++c) {
+        const __m512 p = exp_softmax16(_mm512_sub_ps(_mm512_loadu_ps(lt + c * rp + t), mx));
+        sum = _mm512_add_ps(sum, p);
+        _mm512_storeu_ps(lt + c * rp + t, p);
+      }
+      _mm512_storeu_ps(m + t, mx);
+      _mm512_storeu_ps(s + t, sum);
+      _mm512_storeu_ps(scale + t, sc);
+    }
+    if (want_dh) {
+      gemm_panels(d, rp, jb, Wj, 1, d, lt, rp, at, rp, scale);  // a^T = a^T * scale + W_j^T P^T
+    }
+  }
+  for (int64_t t = 0; t < rows; ++t) {
+    lse[t] = m[t] + std::log(s[t]);
+    const bool keep = tgt[t] >= 0;
+    row_nll[t] = keep ? lse[t] - tl[t] : 0.0f;
+    if (!want_dh) {
+      continue;
+    }
+    float* out = dh + t * d;
+    if (!keep) {
+      std::fill(out, out + d, 0.0f);
+      continue;
+    }
+    const float inv = 1.0f / s[t];
+    const float* wt = W + tgt[t] * d;
+    for (int64_t k = 0; k < d; ++k) {
+      out[k] = at[k * rp + t] * inv - wt[k];
+    }
+  }
+}
+#undef LTM_AVX512
+#endif  // __x86_64__
+
+// ------------------------------------------------------------------------------------------- blas engine
+
+inline float exp_impl(float x) {
+  return exp_softmax(x);
+}
+inline double exp_impl(double x) {
+  return std::exp(x);
+}
+
+template <typename T>
+void task_blas(const T* H, const T* W, const int64_t* tgt, int64_t rows, int64_t d, int64_t V, int64_t vb,
+               bool want_dh, T* lse, T* row_nll, T* dh) {
+  T* l = scratch<T, 4>(rows * vb);
+  T* a = want_dh ? dh : nullptr;  // a accumulates in dh's rows directly
+  T* stat = scratch<T, 5>(3 * rows);
+  T *m = stat, *s = stat + rows, *tl = stat + 2 * rows;
+  std::fill(m, m + rows, -std::numeric_limits<T>::infinity());
+  std::fill(s, s + rows, T(0));
+  std::fill(tl, tl + rows, T(0));
+  if (want_dh) {
+    std::fill(a, a + rows * d, T(0));
+  }
+  for (int64_t j0 = 0; j0 < V; j0 += vb) {
+    const int64_t jb = std::min(vb, V - j0);
+    const T* Wj = W + j0 * d;
+    gemm<T>(false, true, rows, jb, d, T(1), H, d, Wj, d, T(0), l, jb);  // l = H W_j^T
+    for (int64_t r = 0; r < rows; ++r) {
+      T* lr = l + r * jb;
+      const int64_t c = tgt[r] - j0;
+      if (c >= 0 && c < jb) {
+        tl[r] = lr[c];
+      }
+      T mx = m[r];
+      for (int64_t j = 0; j < jb; ++j) {
+        mx = lr[j] > mx ? lr[j] : mx;
+      }
+      const T sc = exp_impl(m[r] - mx);
+      T sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < jb; ++j) {
+        const T p = exp_impl(lr[j] - mx);
+        lr[j] = p;
+        sum += p;
+      }
+      s[r] = s[r] * sc + sum;
+      m[r] = mx;
+      if (want_dh && sc != T(1)) {
+        T* ar = a + r * d;
+        for (int64_t k = 0; k < d; ++k) {
+          ar[k] *= sc;
+        }
+      }
+    }
+    if (want_dh) {
+      gemm<T>(false, false, rows, d, jb, T(1), l, jb, Wj, d, T(1), a, d);  // a += P W_j
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    lse[r] = m[r] + std::log(s[r]);
+    const bool keep = tgt[r] >= 0;
+    row_nll[r] = keep ? lse[r] - tl[r] : T(0);
+    if (!want_dh) {
+      continue;
+    }
+    T* ar = a + r * d;
+    if (!keep) {
+      std::fill(ar, ar + d, T(0));
+      continue;
+    }
+    const T inv = T(1) / s[r];
+    const T* wt = W + tgt[r] * d;
+    for (int64_t k = 0; k < d; ++k) {
+      ar[k] = ar[k] * inv - wt[k];
+    }
+  }
+}
+
+template <typename T>
+void run_task(const Plan& plan, const T* H, const T* W, const int64_t* tgt, int64_t rows, int64_t d, int64_t V,
+              bool want_dh, T* lse, T* row_nll, T* dh) {
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (plan.engine == Engine::kAvx512) {
+      task_avx512(H, W, tgt, rows, d, V, plan.vocab_block, want_dh, lse, row_nll, dh);
+      return;
+    }
+  }
+#endif
+  task_blas<T>(H, W, tgt, rows, d, V, plan.vocab_block, want_dh, lse, row_nll, dh);
+}
+
+// ----------------------------------------------------------------------------------------------- checks
+
+at::ScalarType compute_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets) {
+  TORCH_CHECK(hidden.dim() == 3, "lm_head_nll: hidden must be (B, N, d), got ", hidden.dim(), " dimensions");
+  TORCH_CHECK(weight.dim() == 2, "lm_head_nll: weight must be (V, d), got ", weight.dim(), " dimensions");
+  TORCH_CHECK(weight.size(1) == hidden.size(2), "lm_head_nll: weight is (V, ", weight.size(1),
+              ") but hidden has d = ", hidden.size(2));
+  TORCH_CHECK(weight.size(0) >= 1, "lm_head_nll: weight must have at least one row (V >= 1)");
+  TORCH_CHECK(hidden.scalar_type() == weight.scalar_type(), "lm_head_nll: hidden (", hidden.scalar_type(),
+              ") and weight (", weight.scalar_type(), ") must have one dtype");
+  const auto dt = hidden.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+              "lm_head_nll: hidden must be float32, float64, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(targets.scalar_type() == at::kLong, "lm_head_nll: targets must be int64, got ",
+              targets.scalar_type());
+  TORCH_CHECK(targets.dim() == 2 && targets.size(0) == hidden.size(0) && targets.size(1) == hidden.size(1),
+              "lm_head_nll: targets must be (B, N) = (", hidden.size(0), ", ", hidden.size(1), "), got ",
+              targets.sizes());
+  for (const auto* t : {&hidden, &weight, &targets}) {
+    TORCH_CHECK(t->device().is_cpu(), "lm_head_nll: the C++ kernel takes CPU tensors, got one on ",
+                t->device());
+  }
+  if (targets.numel() > 0) {
+    const int64_t lo = targets.min().item<int64_t>(), hi = targets.max().item<int64_t>();
+    TORCH_CHECK(lo >= -1 && hi < weight.size(0), "lm_head_nll: targets must be in [0, V = ", weight.size(0),
+                ") or -1 (ignored), got values in [", lo, ", ", hi, "]");
+  }
+}
+
+// --------------------------------------------------------------------------------------------------- ops
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lm_head_nll_cpu(const at::Tensor& hidden, const at::Tensor& weight,
+                                                               const at::Tensor& targets, bool compute_grad) {
+  check_inputs(hidden, weight, targets);
+  const auto ct = compute_type(hidden.scalar_type());
+  const int64_t B = hidden.size(0), N = hidden.size(1), d = hidden.size(2), V = weight.size(0), M = B * N;
+  const at::Tensor H = hidden.to(ct).contiguous();
+  const at::Tensor W = weight.to(ct).contiguous();
+  const at::Tensor tgt = targets.contiguous();
+  const auto opts = hidden.options().dtype(ct);
+  at::Tensor lse = at::empty({M}, opts);
+  at::Tensor row_nll = at::empty({M}, opts);
+  at::Tensor dh = compute_grad ? at::empty({B, N, d}, opts) : at::empty({0}, opts);
+  if (M > 0) {
+    AT_DISPATCH_FLOATING_TYPES(ct, "lm_head_nll", [&] {
+      const Plan plan = choose_plan<scalar_t>(M, d);
+      const scalar_t* h = H.data_ptr<scalar_t>();
+      const scalar_t* w = W.data_ptr<scalar_t>();
+      const int64_t* t = tgt.data_ptr<int64_t>();
+      scalar_t* l = lse.data_ptr<scalar_t>();
+      scalar_t* nl = row_nll.data_ptr<scalar_t>();
+      scalar_t* g = compute_grad ? dh.data_ptr<scalar_t>() : nullptr;
+      const int64_t R = plan.rows_per_task, tasks = (M + R - 1) / R;
+      at::parallel_for(0, tasks, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t task = lo; task < hi; ++task) {
+          const int64_t r0 = task * R, rows = std::min(R, M - r0);
+          run_task(plan, h + r0 * d, w, t + r0, rows, d, V, compute_grad, l + r0, nl + r0,
+                   g == nullptr ? nullptr : g + r0 * d);
+        }
+      });
+    });
+  }
+  // Summed per sequence here, after the tasks: a fixed order, so the result does not depend on the threads.
+  at::Tensor nll = row_nll.view({B, N}).sum(1);
+  return {nll, lse, dh};
+}
+
+// dW = sum over rows of g_b (softmax(l) - onehot(target))^T h, from the saved lse; one task per vocab block.
+template <typename T>
+void weight_gradient(const T* H, const T* W, const int64_t* tgt, const T* lse, const T* grad, int64_t N,
+                     int64_t M, int64_t d, int64_t V, T* dW) {
+  constexpr int64_t kVocab = 256, kRows = 256;
+  const int64_t tasks = (V + kVocab - 1) / kVocab;
+  at::parallel_for(0, tasks, 1, [&](int64_t lo, int64_t hi) {
+    T* p = scratch<T, 6>(kRows * kVocab);
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t j0 = task * kVocab, jb = std::min(kVocab, V - j0);
+      for (int64_t r0 = 0; r0 < M; r0 += kRows) {
+        const int64_t rows = std::min(kRows, M - r0);
+        gemm<T>(false, true, rows, jb, d, T(1), H + r0 * d, d, W + j0 * d, d, T(0), p, jb);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t row = r0 + r;
+          T* pr = p + r * jb;
+          if (tgt[row] < 0) {
+            std::fill(pr, pr + jb, T(0));
+            continue;
+          }
+          const T g = grad[row / N], shift = lse[row];
+          for (int64_t j = 0; j < jb; ++j) {
+            pr[j] = g * exp_impl(pr[j] - shift);
+          }
+          const int64_t c = tgt[row] - j0;
+          if (c >= 0 && c < jb) {
+            pr[c] -= g;
+          }
+        }
+        gemm<T>(true, false, jb, d, rows, T(1), p, jb, H + r0 * d, d, r0 == 0 ? T(0) : T(1), dW + j0 * d, d);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> lm_head_nll_backward_cpu(const at::Tensor& grad, const at::Tensor& hidden,
+                                                            const at::Tensor& weight, const at::Tensor& targets,
+                                                            const at::Tensor& lse, const at::Tensor& dh,
+                                                            bool hidden_grad, bool weight_grad) {
+  check_inputs(hidden, weight, targets);
+  const auto ct = compute_type(hidden.scalar_type());
+  const int64_t B = hidden.size(0), N = hidden.size(1), d = hidden.size(2), V = weight.size(0), M = B * N;
+  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == B, "lm_head_nll_backward: grad must be (B,) = (", B,
+              "), got ", grad.sizes());
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == M, "lm_head_nll_backward: lse must be (B * N,) = (", M,
+              "), got ", lse.sizes());
+  const at::Tensor g = grad.to(ct).contiguous();
+  at::Tensor grad_hidden = at::empty({0}, hidden.options());
+  at::Tensor grad_weight = at::empty({0}, weight.options());
+  if (hidden_grad) {
+    TORCH_CHECK(dh.dim() == 3 && dh.size(0) == B && dh.size(1) == N && dh.size(2) == d,
+                "lm_head_nll_backward: hidden_grad needs the forward's dh (B, N, d): call lm_head_nll with "
+                "compute_grad=True");
+    grad_hidden = (dh * g.view({B, 1, 1})).to(hidden.scalar_type());
+  }
+  if (weight_grad) {
+    const at::Tensor H = hidden.to(ct).contiguous(), W = weight.to(ct).contiguous();
+    const at::Tensor tgt = targets.contiguous(), l = lse.to(ct).contiguous();
+    at::Tensor dW = at::empty({V, d}, H.options());
+    if (M == 0) {
+      dW.zero_();
+    } else {
+      AT_DISPATCH_FLOATING_TYPES(ct, "lm_head_nll_backward", [&] {
+        weight_gradient<scalar_t>(H.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), tgt.data_ptr<int64_t>(),
+                                  l.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), N, M, d, V,
+                                  dW.data_ptr<scalar_t>());
+      });
+    }
+    grad_weight = dW.to(weight.scalar_type());
+  }
+  return {grad_hidden, grad_weight};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ltm, CPU, m) {
+  m.impl("lm_head_nll", &lm_head_nll_cpu);
+  m.impl("lm_head_nll_backward", &lm_head_nll_backward_cpu);
+}
+
+}  // namespace ltm
