@@ -15,7 +15,7 @@ Each variant is first checked over a few steps against `eager`: one that disagre
 and not timed; one that cannot run here is reported with the reason. Results: a table on stdout and a
 JSON file under benchmarks/results/ (device, versions, commit, configuration, every raw timing).
 
-    python benchmarks/inner_loop.py                         # defaults for this device (DESIGN section 5)
+    python benchmarks/inner_loop.py                         # defaults for this device (docs/targets.md)
     python benchmarks/inner_loop.py --preset ltm-tiny --batch 2 --seq 32 --steps 4
     python benchmarks/inner_loop.py --sweep steps --plot    # cost vs T_fast, with a PNG
     python benchmarks/inner_loop.py --train                 # inner loop + decoder update per iteration
@@ -272,7 +272,7 @@ def run_configuration(args, cfg, batch, seq, steps, device, dtype, status, peaks
     print("  eager: correctness baseline ...", flush=True)
     half = dtype in (torch.bfloat16, torch.float16)
     if half:
-        # DESIGN section 6 for low precision: against the fp32 posterior (the same weights in fp32), a variant's
+        # docs/kernels.md, "The 2x rule": against the fp32 posterior (the same weights in fp32), a variant's
         # error may be at most 2x the eager model's in the same dtype.
         baseline = make_runner("eager", copy.deepcopy(base).float(), inputs, args, check_steps)()
         eager_half = make_runner("eager", base, inputs, args, check_steps)()
@@ -285,7 +285,7 @@ def run_configuration(args, cfg, batch, seq, steps, device, dtype, status, peaks
     # On CPU the timed runs go round-robin over the variants (the first one of each in the loop below, the
     # rest after it): the speed of a shared CPU drifts over the minutes a run takes (clocks, other jobs), and
     # interleaving spreads the drift over every variant instead of favouring the ones timed first. On CUDA
-    # each variant is timed alone and then released: at the DESIGN sizes they cannot all hold their memory
+    # each variant is timed alone and then released: at the GPU target sizes they cannot all hold their memory
     # (graph pools, logits) at once, and each one's peak memory must be its own.
     interleave = not cuda
     rows, times, kept, faults = {}, {}, {}, {}

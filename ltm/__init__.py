@@ -1,4 +1,4 @@
-"""Latent Thought Models with fused kernels for the inner loop. Public API: DESIGN section 7."""
+"""Latent Thought Models with fused kernels for the inner loop. Public API: docs/model.md, 'Public API'."""
 from ltm.backends import BACKENDS, BackendUnavailableError, backend_status
 from ltm.config import PRESETS, LTMConfig
 from ltm.model import LTMDecoder

@@ -1,6 +1,6 @@
 """The one dispatch point: which implementation runs each hot op of the model.
 
-Backends (DESIGN section 4):
+Backends (docs/backends.md):
 - ``eager``  plain PyTorch (`ltm_kernels.reference`): the readable reference and the fallback everywhere.
 - ``cpp``    the compiled extension `ltm_kernels._C` for the ops it implements on the model's device
              (CPU: every op: posterior step, blocked sliding-window self-attention, latent cross-attention,

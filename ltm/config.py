@@ -93,7 +93,7 @@ PRESETS = {
     "ltm-s": dict(_PUBLISHED, n_layer=3, n_z=24, t_fast=16),
     "ltm-m": dict(_PUBLISHED, n_layer=6, n_z=24, t_fast=16),
     "ltm-l": dict(_PUBLISHED, n_layer=12, n_z=96, t_fast=64),
-    # DESIGN section 5's CPU benchmark configuration (GPT-2 vocabulary).
+    # The CPU benchmark's configuration (docs/targets.md, 'CPU'; GPT-2 vocabulary).
     "ltm-cpu": dict(vocab_size=50258, n_layer=4, n_head=4, d_model=256, max_seq_len=512, window_size=128,
                     n_z=16, t_fast=16, encoding="gpt2"),
     # Tests and demos: byte-level tokenizer (256 bytes + EOS + BOS), runs in milliseconds on a CPU.

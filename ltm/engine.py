@@ -1,4 +1,4 @@
-"""The inner-loop engine: posterior inference (DESIGN section 2) on static buffers, as one CUDA graph on GPUs.
+"""The inner-loop engine (docs/model.md, 'The inner loop') on static buffers, as one CUDA graph on GPUs.
 
 `InnerLoop(model, batch, seq_len, steps, lr, schedule, weight_decay)` owns every tensor the loop updates or
 reads: tokens, targets, the initial and the current (mu, logvar), the fixed noise, z, the four Adam moments

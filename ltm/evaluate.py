@@ -1,4 +1,4 @@
-"""Evaluation (DESIGN section 3): ELBO perplexity bounds on held-out tokens, at several inner-loop lengths T
+"""Evaluation (docs/model.md, 'Evaluation'): ELBO perplexity bounds on held-out tokens, at several inner-loop lengths T
 in one run (the inference-time scaling curve).
 
 The data is cut into consecutive windows of seq_len + 1 tokens (ltm.data.eval_blocks). Per window b with

@@ -1,4 +1,4 @@
-"""Generation (DESIGN section 3): unconditional (z ~ p(z), optionally scaled) or conditional (q(z | prompt)
+"""Generation (docs/model.md, 'Generation'): unconditional (z ~ p(z), optionally scaled) or conditional (q(z | prompt)
 fitted by the inner loop, then decoded); greedy, temperature, top-k, top-p; a KV cache so each new token
 costs one small forward (`LTMDecoder.decode_step`), or full recomputation for checking it.
 """

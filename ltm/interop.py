@@ -17,10 +17,10 @@ import torch
 from ltm.config import PRESETS, LTMConfig
 from ltm.files import atomic_write_bytes, atomic_write_text
 from ltm.tokenizer import VOCAB_SIZES
+from ltm.hub import CONFIG_FILE, SAFETENSORS_FILE, config_from_json, config_to_json, resolve_folder
 
 _MLP_ALIASES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _TIED_KEY, _EMBED_KEY = "output.weight", "tok_embeddings.weight"
-SAFETENSORS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 
 
 def canonical_name(name: str) -> str:
@@ -145,21 +145,21 @@ def save_pretrained(model, directory) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != _TIED_KEY}
     atomic_write_bytes(directory / SAFETENSORS_FILE, save(tensors, metadata={"format": "pt"}))
-    config = json.dumps({"format": "ltm-kernels", "config": model.cfg.to_dict()}, indent=2)
+    config = json.dumps(config_to_json(model.cfg), indent=2)
     atomic_write_text(directory / CONFIG_FILE, config + "\n")
 
 
-def from_pretrained(cls, directory, backend: str = "auto", encoding=None):
+def from_pretrained(cls, directory, backend: str = "auto", encoding=None, **hub_options):
     from safetensors.torch import load_file
 
     from ltm.tokenizer import check_encoding
 
-    directory = Path(directory)
+    directory = resolve_folder(directory, **hub_options)  # a local folder, or a Hub repo id (ltm.hub)
     for name in (CONFIG_FILE, SAFETENSORS_FILE):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory} has no {name} (written by LTMDecoder.save_pretrained)")
     try:
-        cfg = LTMConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text())["config"])
+        cfg = config_from_json(json.loads((directory / CONFIG_FILE).read_text()))
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{directory / CONFIG_FILE} is not a valid ltm-kernels config: {err}") from err
     if encoding is not None:

@@ -1,4 +1,4 @@
-"""The LTM decoder (DESIGN section 1): a pre-norm transformer whose every layer cross-attends to its own
+"""The LTM decoder (docs/model.md, 'The decoder'): a pre-norm transformer whose every layer cross-attends to its own
 latent thought vectors.
 
 Module and parameter names follow the published implementation (`tok_embeddings`, `layers.{i}.attention.wq`,
@@ -292,7 +292,7 @@ class LTMDecoder(nn.Module):
 
     def infer_posterior(self, tokens, targets, steps=INNER_LOOP.steps, lr=INNER_LOOP.lr,
                         schedule=INNER_LOOP.schedule, weight_decay=INNER_LOOP.weight_decay, mu=None, logvar=None, noise=None, generator=None, check_finite=True):
-        """Fit q(z | x) = N(mu, diag exp(logvar)) with the fast inner loop (DESIGN section 2).
+        """Fit q(z | x) = N(mu, diag exp(logvar)) with the fast inner loop (docs/model.md, 'The inner loop').
         `check_finite`: raise ltm.posterior.NonFiniteError when the loop diverges (one check, after it)."""
         from ltm.posterior import infer_posterior
 
@@ -377,7 +377,12 @@ class LTMDecoder(nn.Module):
         save_pretrained(self, directory)
 
     @classmethod
-    def from_pretrained(cls, directory, backend: str = "auto", encoding: Optional[str] = None) -> "LTMDecoder":
-        from ltm.interop import from_pretrained
+    def from_pretrained(cls, directory, backend: str = "auto", encoding: Optional[str] = None, **hub_options):
+        from ltm.interop import from_pretrained  # directory: a save_pretrained folder, or a Hub repo id (ltm.hub)
 
-        return from_pretrained(cls, directory, backend=backend, encoding=encoding)
+        return from_pretrained(cls, directory, backend=backend, encoding=encoding, **hub_options)
+
+    def push_to_hub(self, repo_id: str, **hub_options):
+        from ltm.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **hub_options)

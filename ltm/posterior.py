@@ -1,4 +1,4 @@
-"""Posterior inference: the fast inner loop of DESIGN section 2.
+"""Posterior inference: the fast inner loop (docs/model.md, 'The inner loop').
 
 Per sequence, q(z | x) = N(mu, diag exp(logvar)) is fitted by T AdamW steps on
     loss = sum_tokens CE(x | z) + sum_dims KL(q || N(0, I)),   z = mu + noise * exp(logvar / 2),

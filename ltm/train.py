@@ -1,4 +1,4 @@
-"""Training (Algorithm 1 of Kong et al. 2025; DESIGN section 3): per batch, fit q(z | x) with the inner loop
+"""Training (Algorithm 1 of Kong et al. 2025; docs/model.md, 'Training'): per batch, fit q(z | x) with the inner loop
 (decoder frozen), detach z, then one AdamW step of the decoder on mean CE(x | z).
 
 - AdamW lr 4e-4, betas (0.9, 0.95), weight decay 0.1 on matrices and embeddings, 0 on norm weights; linear
@@ -133,7 +133,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 def initial_latents(cfg: LTMConfig, seed: int, step: int, index, device) -> tuple:
     """(mu, logvar, noise) of the inner loop for the sequences at `index` of step `step`'s global batch, each
-    drawn from its own generator: independent of batch size, rank and micro-step (DESIGN section 2 init)."""
+    drawn from its own generator: independent of batch size, rank and micro-step (docs/model.md, 'The inner loop')."""
     return seeded_latents(cfg, [(seed, step, int(i), 2) for i in index], device)
 
 

@@ -4,7 +4,7 @@ For rows x (..., D), weight w (D,), and optionally a residual branch r:
 
     h    = x + r                                      (add_rms_norm; rounded to x's dtype, as eager adds)
     rstd = rsqrt(mean(h^2) + eps)                     fp32 statistics
-    y    = (h * rstd).to(h.dtype) * w                 the published cast order (DESIGN section 1)
+    y    = (h * rstd).to(h.dtype) * w                 the published cast order (docs/model.md, 'RMSNorm')
 
     backward, with n = h * rstd and dn = dy * w:
     dh   = rstd * (dn - n * mean(dn * n)) (+ the gradient arriving at the output h)

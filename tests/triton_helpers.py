@@ -63,7 +63,7 @@ def _skip_reason(need_cuda: bool) -> str:
 # Kernels on CPU tensors under TRITON_INTERPRET=1 (fp32, tiny shapes).
 INTERPRETER = [pytest.mark.interpreter, pytest.mark.skipif(bool(_skip_reason(False)), reason=_skip_reason(False))]
 
-# Kernels compiled for the GPU (bf16 rule of DESIGN section 6, memory bounds, CUDA graphs).
+# Kernels compiled for the GPU (bf16 rule of docs/kernels.md, memory bounds, CUDA graphs).
 GPU = [pytest.mark.gpu, pytest.mark.skipif(bool(_skip_reason(True)), reason=_skip_reason(True))]
 
 

@@ -22,7 +22,7 @@ def test_save_and_load_pretrained(tmp_path):
     model = LTMDecoder(CFG, backend="eager")
     model.save_pretrained(tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
-    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())["config"]
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())  # flat, as the Hub tools expect
     assert config["encoding"] == "bytes" and config["n_z"] == CFG.n_z
     loaded = LTMDecoder.from_pretrained(tmp_path / "ckpt", backend="eager", encoding="bytes")
     assert loaded.cfg == model.cfg

@@ -1,6 +1,6 @@
-"""Independent check of the LTM decoder's math (DESIGN section 1) through the public API only.
+"""Independent check of the LTM decoder's math (docs/model.md, 'The decoder') through the public API only.
 
-The reference below is written from the spec, in float64, with plain loops / index arithmetic (no SDPA,
+The reference below is written from docs/model.md, in float64, with plain loops / index arithmetic (no SDPA,
 nothing shared with `ltm/`). Random weights in the PUBLISHED naming are loaded with
 `load_published_state_dict`, and the model's logits / ELBO terms are compared with the reference.
 
@@ -38,7 +38,7 @@ def make_model(cfg: LTMConfig, sd: dict, dtype=F64) -> LTMDecoder:
 
 
 # ----------------------------------------------------------------------------------------------
-# The reference (DESIGN section 1), float64, straightforward
+# The reference (docs/model.md, 'The decoder'), float64, straightforward
 # ----------------------------------------------------------------------------------------------
 def rms_norm(x, w, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
@@ -95,7 +95,7 @@ def window_mask(N: int, W: int) -> torch.Tensor:
 def ref_logits(sd, cfg: LTMConfig, tokens, z, *, table_dtype=torch.float32, pairing="adjacent",
                window=None, latent_pos_stride=None, rope_on_latent_k=True, rope_on_cross_q=True,
                layer_block=None, scale=None, eps=None):
-    """Logits of DESIGN section 1. Keyword arguments other than table_dtype exist only to build
+    """Logits of docs/model.md, 'The decoder'. Keyword arguments other than table_dtype exist only to build
     deliberately wrong variants for `test_tolerance_discriminates_spec_mistakes`."""
     sd = {k: v.to(F64) for k, v in sd.items()}
     B, N = tokens.shape

@@ -1,4 +1,4 @@
-"""The eager inner loop (DESIGN section 2) against a plain torch.optim.AdamW loop, and its properties."""
+"""The eager inner loop (docs/model.md, 'The inner loop') against a plain torch.optim.AdamW loop, and its properties."""
 import math
 
 import pytest
@@ -155,7 +155,7 @@ def test_elbo_improves_over_the_inner_loop_on_a_trained_model():
     """After a short training (Algorithm 1) on sequences that each repeat one of K random motifs, more
     inner-loop steps give a strictly better bound: NELBO(T=16) < NELBO(T=4) < NELBO(T=0), same init and noise.
     (A decoder this briefly trained mostly ignores z, so the gain is in the KL term; that the latents carry
-    sequence-level information is the training/evaluation issue's test.)"""
+    sequence-level information is test_evaluate.py's test_ltm_learns_sequence_level_structure.)"""
     model = make_model(dtype=torch.float32, seed=3)
     g = torch.Generator().manual_seed(1)
     motifs = torch.randint(0, 256, (4, 6), generator=g)

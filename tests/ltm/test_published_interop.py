@@ -1,7 +1,7 @@
-"""Loading weights in the naming of the published LTM code (DESIGN section 1, "Interoperability").
+"""Loading weights in the naming of the published LTM code (docs/model.md, 'Published checkpoints').
 
 Public API only: `load_published_state_dict`, `LTMDecoder.from_published_checkpoint`, `model(tokens, z)`.
-Also the parameter counts of the paper's presets (section 1 table), derived here from the architecture.
+Also the parameter counts of the paper's presets (docs/model.md, 'Presets'), derived here from the architecture.
 """
 from __future__ import annotations
 

@@ -86,7 +86,7 @@ def test_latent_attention_matches_reference(needs_extension, N, M, hd, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("op", ["self", "latent"])
 def test_low_precision_error(needs_extension, op, dtype):
-    """DESIGN section 6: the kernel's error (it computes in float32) is at most 2x that of the eager reference
+    """docs/kernels.md, 'The 2x rule': the kernel's error (float32 inside) is at most 2x that of the eager reference
     run in the same dtype, both against float64, for out and every gradient."""
     gen = torch.Generator().manual_seed(5)
     N, M, hd = 130, 40, 64

@@ -1,7 +1,7 @@
 """latent_attention_triton against latent_attention_ref in float64: out, dq, dk, dv for a random upstream
 gradient; M from 1 to 64 latents, N not a multiple of the query block and N = 1 (decoding), head dims 32, 64,
 128, strided q/k/v as the model passes them; argument errors; the registered ops under opcheck and
-torch.compile; on a GPU the fp16/bf16 rule of DESIGN section 6, determinism, CUDA graphs; and an sm_90
+torch.compile; on a GPU the fp16/bf16 rule of docs/kernels.md, determinism, CUDA graphs; and an sm_90
 compile of both kernels without a GPU."""
 import importlib
 import math
@@ -200,7 +200,7 @@ def test_traces_in_one_graph():
 @pytest.mark.parametrize("M", [3, 8, 64])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_low_precision_within_twice_eager_error(dtype, M):
-    """DESIGN section 6: against float64, the fused op's error is at most 2x the eager op's in the same dtype,
+    """docs/kernels.md, 'The 2x rule': against float64, the fused op's error is <= 2x the eager op's in the same dtype,
     for out and every gradient; fp32 fused matches float64 to 1e-5."""
     inputs, dy = make_inputs(4, 8, 1000, M, 64, seed=M)
     want = run(latent_attention_ref, inputs, dy, F64, "cuda")

@@ -217,7 +217,7 @@ def test_triton_refuses_float64():
 @gpu
 @pytest.mark.parametrize("B, N, d, V, chunk", [(2, 301, 128, 50258, 128), (3, 77, 64, 17, None)])
 def test_gpu_bf16_within_twice_eager_error(B, N, d, V, chunk):
-    """DESIGN section 6: the fused bf16 error <= 2x the eager bf16 error, both against float64."""
+    """docs/kernels.md, 'The 2x rule': the fused bf16 error <= 2x the eager bf16 error, both against float64."""
     hidden, weight, targets, grad = make_inputs(B, N, d, V)
     want = reference_grads(hidden, weight, targets, grad)
 

@@ -76,7 +76,7 @@ def test_matches_reference(dtype, B, N, d, V, ignore):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 def test_half_precision_within_twice_eager_error(dtype):
     """Half inputs are computed in float32: the error against float64 is at most 2x the eager op's in the
-    same dtype (DESIGN section 6), for the output and both gradients."""
+    same dtype (docs/kernels.md, 'The 2x rule'), for the output and both gradients."""
     hidden, weight, targets = make_inputs(2, 40, 64, 700, seed=3, ignore=[(0, 5)])
     grad = torch.tensor([1.0, 0.7], dtype=F64)
     exact = run(lm_head_nll_ref, hidden, weight, targets, F64, grad)

@@ -24,7 +24,7 @@ def needs_extension():
 
 
 def make_state(shape, dtype, seed=0):
-    """The seven in-place tensors as the inner loop initialises them (section 2 of DESIGN.md)."""
+    """The seven in-place tensors as the inner loop initialises them (docs/model.md, 'The inner loop')."""
     g = torch.Generator().manual_seed(seed)
     mu = 0.01 * torch.randn(shape, generator=g, dtype=torch.float64)
     logvar = -5 + 0.1 * torch.randn(shape, generator=g, dtype=torch.float64)
@@ -123,7 +123,7 @@ def run_low_precision(dtype, seed=2, shape=(2, 24, 64), steps=5):
 @pytest.mark.extension
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_low_precision_error(needs_extension, dtype):
-    """DESIGN.md section 6: the fused error is at most 2x the error of the eager math in the same dtype,
+    """docs/kernels.md, 'The 2x rule': the fused error is at most 2x the error of the eager math in the same dtype,
     both against the float64 reference."""
     for name, f, e, x in zip(NAMES, *run_low_precision(dtype)):
         fused_err = (f.double() - x).abs().max().item()

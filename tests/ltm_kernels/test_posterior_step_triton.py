@@ -102,7 +102,7 @@ def test_cuda_op_matches_reference(shape, schedule):
 @needs_cuda_op
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_op_low_precision_error(dtype):
-    """DESIGN section 6: the CUDA op's error is at most 2x the eager op's in the same dtype (both on the GPU),
+    """docs/kernels.md, 'The 2x rule': the CUDA op's error is at most 2x the eager op's in the same dtype (both on GPU),
     against the fp64 reference."""
     shape = (2, 24, 64)
     fused = run(posterior_step_cpp, shape, dtype, 0, device="cuda")

@@ -1,7 +1,7 @@
 """self_attention_triton (Triton: RoPE + causal sliding-window attention) against self_attention_ref in float64:
 output, lse and dq, dk, dv; windows 1, small, larger than a tile, >= N; N not a multiple of the tile;
 head dims 32, 64, 128; non-contiguous inputs; argument errors; opcheck of the registered op; the kernels
-compile for sm_90; on a GPU the low-precision rule of DESIGN section 6, CUDA graphs and torch.compile."""
+compile for sm_90; on a GPU the low-precision rule of docs/kernels.md, CUDA graphs and torch.compile."""
 import importlib
 
 import pytest
