@@ -23,6 +23,7 @@ from ltm.files import atomic_write_text
 from ltm.latents import INNER_LOOP, SCHEDULES
 from ltm.validation import COUNT, NON_NEGATIVE, SEED, STEPS, Range, check_output, resolve_device
 
+_PROGRESS_HELP = "a progress bar on stderr when it is a terminal (--no-progress: never)"
 _TRAIN_HELP = {
     "data": "prepared token data (from `ltm prepare`): the .bin, the .json or their common stem",
     "out_dir": "folder for ckpt.pt and metrics.jsonl; an existing ckpt.pt there is resumed",
@@ -46,13 +47,13 @@ _TRAIN_HELP = {
     "sampling": "random: windows at random offsets; blocks: consecutive windows, shuffled per epoch",
     "seed": "seed of data order, inner-loop noise and initial weights",
     "ckpt_interval": "steps between checkpoints (one is also written at the end)",
-    "log_interval": "steps between metrics lines and progress lines",
+    "log_interval": "steps between metrics lines (and progress-bar statistics)",
     "backend": "kernels: auto, eager, cpp or triton",
     "device": "auto (cuda when available), cpu, cuda or cuda:N",
     "resume": "resume from <out-dir>/ckpt.pt when it exists (--no-resume starts over, overwriting it; the old "
               "metrics.jsonl is kept as metrics-<n>.jsonl)",
     "force": "resume even when settings differ from the checkpoint's (refused otherwise, listing the changes)",
-    "progress": "print a progress line on stderr (--no-progress: quiet)",
+    "progress": _PROGRESS_HELP,
 }
 
 
@@ -132,6 +133,10 @@ def _add_inner_args(p: argparse.ArgumentParser, what: str) -> None:
                    help=f"inner-loop lr schedule (default: {INNER_LOOP.schedule})")
 
 
+def _add_progress_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help=_PROGRESS_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ltm", description="Latent Thought Models: prepare data, train, evaluate, "
                                      "generate, few-shot prompting.", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -146,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoding", default="bytes", choices=("bytes", "gpt2"),
                    help="tokenizer: bytes (offline, 258 ids) or gpt2 (GPT-2 BPE + BOS, 50258 ids) (default: bytes)")
     p.add_argument("--jsonl-key", default="text", help="field of JSONL objects holding the text (default: text)")
+    _add_progress_arg(p)
 
     p = sub.add_parser("train", help="train an LTM (Algorithm 1: inner loop, then decoder update)")
     _add_train_args(p)
@@ -164,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inner_args(p, "evaluation")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--plot", default=None, help="write a PNG of the scaling curve here (needs matplotlib)")
+    _add_progress_arg(p)
 
     p = sub.add_parser("generate", help="sample text, streamed to stdout")
     _add_model_args(p)
@@ -190,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     _number(p, "--max-answer-tokens", COUNT, 16, "tokens decoded per answer at most")
     _number(p, "--limit", COUNT, None, "score only the first N questions (default: all)")
     p.add_argument("--out", default=None, help="write per-question records and the accuracy as JSON here")
+    _add_progress_arg(p)
 
     sub.add_parser("presets", help="the model presets with their exact parameter counts, and which backends run here")
     return parser
@@ -230,7 +238,8 @@ def _run(args) -> int:
     elif args.command == "prepare":
         from ltm.data import prepare
 
-        meta = prepare(args.inputs, args.output, encoding=args.encoding, jsonl_key=args.jsonl_key)
+        meta = prepare(args.inputs, args.output, encoding=args.encoding, jsonl_key=args.jsonl_key,
+                       progress=args.progress)
         print(f"wrote {meta['n_tokens']:,} tokens of {meta['n_documents']:,} documents ({meta['encoding']}, "
               f"{meta['dtype']}) to {Path(args.output).with_suffix('.bin')} + .json")
     elif args.command == "train":
@@ -261,7 +270,7 @@ def _run(args) -> int:
         steps = args.steps if args.steps is not None else sorted({0, model.cfg.t_fast})
         results = elbo_eval(model, data, steps=steps, seq_len=args.seq_len, batch_size=args.batch_size,
                             lr=args.inner_lr, schedule=args.inner_schedule, iw_samples=args.iw_samples,
-                            max_blocks=args.max_blocks, seed=args.seed, progress=True)
+                            max_blocks=args.max_blocks, seed=args.seed, progress=args.progress)
         print(format_table(results))
         if args.out:
             write_results(results, args.out, meta=dict(checkpoint=str(args.checkpoint), data=args.data or args.text,
@@ -288,7 +297,7 @@ def _run(args) -> int:
         examples = read_qa(args.data, args.question_key, args.answer_key)
         result = fewshot_eval(model, examples, shots=args.shots, steps=args.inner_steps, lr=args.inner_lr,
                               schedule=args.inner_schedule, max_answer_tokens=args.max_answer_tokens, seed=args.seed,
-                              limit=args.limit, progress=True)
+                              limit=args.limit, progress=args.progress)
         print(f"exact match: {result['accuracy']:.4f} ({result['n']} questions, {result['shots']} shots)")
         if args.out:
             atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")

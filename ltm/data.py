@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from ltm.files import atomic_open
+from ltm.progress import progress_bar
 from ltm.tokenizer import ENCODINGS, Tokenizer, check_encoding
 from ltm.validation import check_output
 
@@ -120,16 +120,17 @@ def prepare(inputs, output, encoding: str = "bytes", jsonl_key: str = "text", pr
     dtype = token_dtype(tok.vocab_size)
     bin_path.parent.mkdir(parents=True, exist_ok=True)
     n_tokens = n_docs = 0
-    with atomic_open(bin_path) as f_bin, atomic_open(meta_path, "w") as f_meta:
+    with atomic_open(bin_path) as f_bin, atomic_open(meta_path, "w") as f_meta, \
+            progress_bar(progress, desc="prepare", unit=" docs") as bar:
         for text in iter_documents(sources, jsonl_key):
             ids = np.asarray(tok.encode_document(text), dtype=dtype)
             f_bin.write(ids.tobytes())
             n_tokens += len(ids)
             n_docs += 1
-            if progress and n_docs % 1000 == 0:
-                print(f"\rprepare: {n_docs:,} documents, {n_tokens:,} tokens", end="", file=sys.stderr)
-        if progress and n_docs >= 1000:
-            print(file=sys.stderr)
+            bar.update(1)
+            if n_docs % 256 == 0:
+                bar.set_postfix(tokens=f"{n_tokens:,}", refresh=False)
+        bar.set_postfix(tokens=f"{n_tokens:,}")
         if n_docs == 0:
             raise DataError(f"inputs {[str(p) for p in inputs]} contain no non-empty documents")
         meta = dict(format=FORMAT, version=1, encoding=encoding, vocab_size=tok.vocab_size, dtype=dtype.name,

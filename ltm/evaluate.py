@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -24,6 +22,7 @@ import torch
 from ltm.data import eval_blocks
 from ltm.files import atomic_write_text
 from ltm.latents import INNER_LOOP, seeded_latents
+from ltm.progress import progress_bar
 from ltm.validation import COUNT, NON_NEGATIVE, SEED, STEPS, Range
 
 
@@ -69,11 +68,13 @@ def elbo_eval(model, data, steps: Sequence[int] = (0, 16), seq_len: Optional[int
     batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
     batches += [[i] for i, b in enumerate(blocks) if len(b) != seq_len + 1]
     device = model.tok_embeddings.weight.device
-    results, t0 = [], time.time()
+    results = []
+    bar = progress_bar(progress, total=len(steps) * len(batches), desc="eval", unit=" batch")
     for T in steps:
+        bar.set_postfix(T=T)
         nelbo, nll, kl, iw, n_tok = [], [], [], [], []
         generator = torch.Generator().manual_seed(seed + 1)
-        for k, ids in enumerate(batches):
+        for ids in batches:
             w = torch.stack([blocks[i] for i in ids]).to(device)
             tokens, targets = w[:, :-1], w[:, 1:]
             mu, logvar, noise = seeded_latents(cfg, [(seed, i, 3) for i in ids], device)
@@ -85,9 +86,7 @@ def elbo_eval(model, data, steps: Sequence[int] = (0, 16), seq_len: Optional[int
             n_tok.append(torch.full((len(ids),), targets.shape[1], dtype=torch.float64))
             if iw_samples:
                 iw.append(_iw_nelbo(model, tokens, targets, post.mu, post.logvar, iw_samples, generator).cpu())
-            if progress:
-                print(f"\reval T={T}: {k + 1}/{len(batches)} batches, {time.time() - t0:.0f}s", end="",
-                      file=sys.stderr, flush=True)
+            bar.update(1)
         nelbo, nll, kl, n_tok = (torch.cat(x) for x in (nelbo, nll, kl, n_tok))
         total = float(n_tok.sum())
         r = dict(T=T, sequences=len(nelbo), tokens=int(total), nelbo_per_token=float(nelbo.sum()) / total,
@@ -98,8 +97,7 @@ def elbo_eval(model, data, steps: Sequence[int] = (0, 16), seq_len: Optional[int
             r.update(iw_samples=iw_samples, iw_nelbo_per_token=float(iw_all.sum()) / total,
                      ppl_iw=_exp(float(iw_all.sum()) / total))
         results.append(r)
-    if progress:
-        print(file=sys.stderr)
+    bar.close()
     return results
 
 

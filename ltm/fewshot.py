@@ -8,8 +8,6 @@ JSONL lines: {"question": "...", "answer": "..."} (field names configurable). Pr
 from __future__ import annotations
 
 import json
-import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +16,7 @@ import torch
 
 from ltm.generate import generate
 from ltm.latents import INNER_LOOP
+from ltm.progress import progress_bar
 from ltm.tokenizer import Tokenizer, check_vocab
 from ltm.validation import NON_NEGATIVE, SEED, STEPS, Range
 
@@ -70,8 +69,9 @@ def fewshot_eval(model, examples: list[dict], shots: int = 3, steps: Optional[in
     tok = Tokenizer(model.cfg.encoding)
     device = model.tok_embeddings.weight.device
     rng = np.random.default_rng(seed)
-    records, t0 = [], time.time()
+    records = []
     queries = examples if limit is None else examples[:limit]
+    bar = progress_bar(progress, total=len(queries), desc="fewshot", unit=" question")
     for i, ex in enumerate(queries):
         others = [j for j in range(len(examples)) if j != i]
         shot_ex = [examples[j] for j in rng.choice(others, size=shots, replace=False)] if shots else []
@@ -90,11 +90,8 @@ def fewshot_eval(model, examples: list[dict], shots: int = 3, steps: Optional[in
         prediction = tok.decode(new).split("\n")[0].strip()
         records.append(dict(question=ex["question"], answer=ex["answer"], prediction=prediction,
                             correct=prediction == ex["answer"].strip()))
-        if progress:
-            acc = sum(r["correct"] for r in records) / len(records)
-            print(f"\rfewshot: {i + 1}/{len(queries)} accuracy {acc:.3f} ({time.time() - t0:.0f}s)", end="",
-                  file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
+        bar.update(1)
+        bar.set_postfix(accuracy=f"{sum(r['correct'] for r in records) / len(records):.3f}")
+    bar.close()
     return dict(accuracy=sum(r["correct"] for r in records) / len(records), n=len(records), shots=shots,
                 records=records)

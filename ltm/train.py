@@ -9,7 +9,7 @@
   on the W times larger batch, and a resumed run continues with exactly the numbers of an uninterrupted one.
 - Checkpoints (`<out_dir>/ckpt.pt`, written to a temp file and renamed; readable with
   `torch.load(weights_only=True)`): model, optimizer, step, RNG states, data position, configs, encoding.
-- `<out_dir>/metrics.jsonl`: one JSON line per logged step; a progress line on stderr.
+- `<out_dir>/metrics.jsonl`: one JSON line per logged step; a progress bar on stderr (a terminal only).
 - A non-finite loss, posterior or gradient stops the run before the bad update: the state of that step is
   checkpointed (so nothing good is lost) and `NonFiniteError` says what went wrong.
 - The run directory belongs to one run: an exclusive lock (`<out_dir>/.lock`) refuses a second one. Resuming
@@ -29,7 +29,6 @@ import json
 import math
 import os
 import signal
-import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -48,6 +47,7 @@ from ltm.interop import read_checkpoint
 from ltm.latents import INNER_LOOP, SCHEDULES, NonFiniteError, seeded_latents
 from ltm.model import LTMDecoder
 from ltm.posterior import infer_posterior
+from ltm.progress import note, progress_bar
 from ltm.tokenizer import check_encoding, check_vocab
 from ltm.validation import COUNT, NON_NEGATIVE, POSITIVE, SEED, STEPS, Range, check_choice, resolve_device
 
@@ -349,7 +349,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Tra
     if not _all_agree(lock_error is None, world, device):
         raise lock_error or RuntimeError(f"rank 0 could not lock {out_dir}; see its error")
     try:
-        with _StopSignals(lambda msg: print(f"ltm train: {msg}", file=sys.stderr, flush=True)) as stop:
+        with _StopSignals(lambda msg: note(f"ltm train: {msg}")) as stop:
             return _train_locked(cfg, rank, world, device, model_cfg, data, sampler, stop)
     finally:
         lock.release()
@@ -361,7 +361,7 @@ def _train_locked(cfg, rank, world, device, model_cfg, data, sampler, stop) -> T
 
     def say(msg):
         if rank == 0 and cfg.progress:
-            print(msg, file=sys.stderr, flush=True)
+            note(msg)
 
     if rank == 0:
         for stale in remove_stale_temps(out_dir, CHECKPOINT_NAME) + remove_stale_temps(out_dir, METRICS_NAME):
@@ -414,79 +414,78 @@ def _train_locked(cfg, rank, world, device, model_cfg, data, sampler, stop) -> T
         if world > 1:
             dist.barrier()
 
-    t_start, tokens_seen, start_step = time.time(), 0, step
-    while step < end:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, cfg)
-        # [sum CE at the update, sum posterior nll, sum posterior kl, scored tokens, sequences, stop requested]
-        stats = torch.zeros(6, dtype=torch.float64, device=device)
-        for micro in range(cfg.grad_accum):
-            tokens, targets, index = sampler.batch(step, micro)
-            tokens, targets = tokens.to(device), targets.to(device)
-            with autocast():
-                if cfg.latents == "zero":
-                    z = torch.zeros(tokens.shape[0], model_cfg.n_z, model_cfg.d_model, device=device)
-                    nll_post = kl_post = torch.zeros(tokens.shape[0], device=device)
-                else:
-                    mu, logvar, noise = initial_latents(model_cfg, cfg.seed, step, index, device)
-                    # check_finite=False: a non-finite posterior is handled below, together on every rank.
-                    post = infer_posterior(model, tokens, targets, steps=inner_steps, lr=cfg.inner_lr,
-                                           schedule=cfg.inner_schedule, mu=mu, logvar=logvar, noise=noise,
-                                           check_finite=False)
-                    z, nll_post, kl_post = post.z.detach(), post.nll, post.kl
-                    # A non-finite posterior would be refused by the next check_latent; zeroing it here lets
-                    # every rank reach the collective below and stop together with a clear message.
-                    if not bool(torch.isfinite(z).all()):
-                        z = torch.zeros_like(z)
-                        nll_post = torch.full_like(nll_post, float("nan"))
-                n_scored = int((targets != -1).sum())
-                sync = loss_module.no_sync() if world > 1 and micro < cfg.grad_accum - 1 else nullcontext()
-                with sync:
-                    ce_sum, _ = loss_module(tokens, targets, z)
-                    # mean CE over the global batch: each micro-step holds 1 / (grad_accum) of it; DDP averages
-                    # over ranks.
-                    (ce_sum / n_scored / cfg.grad_accum).backward()
-            stats[:5] += torch.tensor([ce_sum.item(), nll_post.sum().item(), kl_post.sum().item(), n_scored,
-                                       tokens.shape[0]], dtype=torch.float64, device=device)
-        stats[5] = float(stop.signum is not None)  # reduced with the stats: every rank stops at the same step
-        if world > 1:
-            dist.all_reduce(stats)
-        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0
-                     else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])))
-        if not (bool(torch.isfinite(stats).all()) and math.isfinite(float(grad_norm))):
+    t_start, tokens_seen = time.time(), 0
+    with progress_bar(rank == 0 and cfg.progress, total=end, initial=step, desc="train", unit=" step") as bar:
+        while step < end:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, cfg)
+            # [sum CE at the update, sum posterior nll, sum posterior kl, scored tokens, sequences, stop requested]
+            stats = torch.zeros(6, dtype=torch.float64, device=device)
+            for micro in range(cfg.grad_accum):
+                tokens, targets, index = sampler.batch(step, micro)
+                tokens, targets = tokens.to(device), targets.to(device)
+                with autocast():
+                    if cfg.latents == "zero":
+                        z = torch.zeros(tokens.shape[0], model_cfg.n_z, model_cfg.d_model, device=device)
+                        nll_post = kl_post = torch.zeros(tokens.shape[0], device=device)
+                    else:
+                        mu, logvar, noise = initial_latents(model_cfg, cfg.seed, step, index, device)
+                        # check_finite=False: a non-finite posterior is handled below, together on every rank.
+                        post = infer_posterior(model, tokens, targets, steps=inner_steps, lr=cfg.inner_lr,
+                                               schedule=cfg.inner_schedule, mu=mu, logvar=logvar, noise=noise,
+                                               check_finite=False)
+                        z, nll_post, kl_post = post.z.detach(), post.nll, post.kl
+                        # A non-finite posterior would be refused by the next check_latent; zeroing it here lets
+                        # every rank reach the collective below and stop together with a clear message.
+                        if not bool(torch.isfinite(z).all()):
+                            z = torch.zeros_like(z)
+                            nll_post = torch.full_like(nll_post, float("nan"))
+                    n_scored = int((targets != -1).sum())
+                    sync = loss_module.no_sync() if world > 1 and micro < cfg.grad_accum - 1 else nullcontext()
+                    with sync:
+                        ce_sum, _ = loss_module(tokens, targets, z)
+                        # mean CE over the global batch: each micro-step holds 1 / (grad_accum) of it; DDP averages
+                        # over ranks.
+                        (ce_sum / n_scored / cfg.grad_accum).backward()
+                stats[:5] += torch.tensor([ce_sum.item(), nll_post.sum().item(), kl_post.sum().item(), n_scored,
+                                           tokens.shape[0]], dtype=torch.float64, device=device)
+            stats[5] = float(stop.signum is not None)  # reduced with the stats: every rank stops at the same step
+            if world > 1:
+                dist.all_reduce(stats)
+            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0
+                         else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])))
+            if not (bool(torch.isfinite(stats).all()) and math.isfinite(float(grad_norm))):
+                optimizer.zero_grad(set_to_none=True)
+                save(step)
+                what = dict(zip(("ce", "posterior_nll", "posterior_kl"), stats[:3].tolist()), grad_norm=float(grad_norm))
+                raise NonFiniteError(f"training became non-finite at step {step} ({what}); the update was not applied "
+                                     f"and the model of step {step} is checkpointed at {ckpt_path}. Lower lr or "
+                                     "inner_lr, or check the data, then resume.")
+            optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            save(step)
-            what = dict(zip(("ce", "posterior_nll", "posterior_kl"), stats[:3].tolist()), grad_norm=float(grad_norm))
-            raise NonFiniteError(f"training became non-finite at step {step} ({what}); the update was not applied "
-                                 f"and the model of step {step} is checkpointed at {ckpt_path}. Lower lr or "
-                                 "inner_lr, or check the data, then resume.")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += int(stats[3])
-        tokens_total += int(stats[3])
-        stopping = bool(stats[5] > 0)
+            step += 1
+            tokens_seen += int(stats[3])
+            tokens_total += int(stats[3])
+            stopping = bool(stats[5] > 0)
+            bar.update(1)
 
-        if rank == 0 and (step % cfg.log_interval == 0 or step == end or stopping):
-            ce, nll, kl, n_tok, n_seq, _ = stats.tolist()
-            elapsed = time.time() - t_start
-            record = dict(step=step, loss=ce / n_tok, nelbo_per_token=(nll + kl) / n_tok,
-                          posterior_nll_per_token=nll / n_tok, kl_per_seq=kl / n_seq,
-                          lr=optimizer.param_groups[0]["lr"], grad_norm=float(grad_norm), tokens=tokens_total,
-                          tokens_per_s=tokens_seen / max(elapsed, 1e-9), elapsed_s=elapsed)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if cfg.progress:
-                eta = elapsed / (step - start_step) * (end - step)
-                print(f"step {step}/{end} | loss {record['loss']:.4f} | nelbo/tok {record['nelbo_per_token']:.4f} "
-                      f"| kl/seq {record['kl_per_seq']:.1f} | lr {record['lr']:.2e} | "
-                      f"{record['tokens_per_s']:,.0f} tok/s | {elapsed:.0f}s elapsed, eta {eta:.0f}s",
-                      file=sys.stderr, flush=True)
-        if step % cfg.ckpt_interval == 0 or step == end or stopping:
-            save(step)
-        if stopping and step < end:
-            name = signal.Signals(stop.signum).name if stop.signum is not None else "a signal on another rank"
-            say(f"stopped by {name} at step {step}; checkpoint {ckpt_path}; run the same command to resume")
-            return TrainResult(model=model, step=step, checkpoint=ckpt_path, metrics=metrics_path,
-                               interrupted=name)
-    return TrainResult(model=model, step=step, checkpoint=ckpt_path, metrics=metrics_path)
+            if rank == 0 and (step % cfg.log_interval == 0 or step == end or stopping):
+                ce, nll, kl, n_tok, n_seq, _ = stats.tolist()
+                elapsed = time.time() - t_start
+                record = dict(step=step, loss=ce / n_tok, nelbo_per_token=(nll + kl) / n_tok,
+                              posterior_nll_per_token=nll / n_tok, kl_per_seq=kl / n_seq,
+                              lr=optimizer.param_groups[0]["lr"], grad_norm=float(grad_norm), tokens=tokens_total,
+                              tokens_per_s=tokens_seen / max(elapsed, 1e-9), elapsed_s=elapsed)
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.set_postfix(loss=f"{record['loss']:.4f}", nelbo_tok=f"{record['nelbo_per_token']:.4f}",
+                                kl_seq=f"{record['kl_per_seq']:.1f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
+            if step % cfg.ckpt_interval == 0 or step == end or stopping:
+                save(step)
+            if stopping and step < end:
+                name = signal.Signals(stop.signum).name if stop.signum is not None else "a signal on another rank"
+                say(f"stopped by {name} at step {step}; checkpoint {ckpt_path}; run the same command to resume")
+                return TrainResult(model=model, step=step, checkpoint=ckpt_path, metrics=metrics_path,
+                                   interrupted=name)
+        return TrainResult(model=model, step=step, checkpoint=ckpt_path, metrics=metrics_path)

@@ -1,4 +1,5 @@
 """`ltm prepare | train | eval | generate | fewshot`: --help documents every option; an end-to-end run."""
+import io
 import json
 import subprocess
 import sys
@@ -96,3 +97,33 @@ def test_user_errors_are_messages_not_tracebacks(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--data", "x"])  # --out-dir is required: argparse says so
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("flags, shown", [([], True), (["--no-progress"], False)])
+def test_progress_bars_on_a_terminal_only(tmp_path, monkeypatch, capsys, flags, shown):
+    """prepare / train / eval / fewshot draw a tqdm bar on a terminal unless --no-progress; never into a pipe or a log."""
+    (tmp_path / "a.txt").write_text("the cat sat on the mat. " * 10)
+    (tmp_path / "qa.jsonl").write_text('{"question": "a", "answer": "b"}\n{"question": "c", "answer": "d"}\n')
+    model_dir = tmp_path / "model"
+    from ltm import LTMConfig, LTMDecoder
+
+    LTMDecoder(LTMConfig.from_name("ltm-tiny", max_seq_len=32, window_size=8), backend="eager").save_pretrained(model_dir)
+    runs = {"prepare": ["prepare", str(tmp_path / "a.txt"), "-o", str(tmp_path / "d")],
+            "train": ["train", "--data", str(tmp_path / "d"), "--out-dir", str(tmp_path / "run"), "--model-overrides",
+                      SMALL, "--max-steps", "1", "--batch-size", "1", "--inner-steps", "0", "--backend", "eager"],
+            "eval": ["eval", str(model_dir), "--data", str(tmp_path / "d"), "--steps", "0", "--max-blocks", "1"],
+            "fewshot": ["fewshot", str(model_dir), "--data", str(tmp_path / "qa.jsonl"), "--shots", "0",
+                        "--inner-steps", "0", "--max-answer-tokens", "1"]}
+    for name, argv in runs.items():
+        terminal = _Terminal()
+        monkeypatch.setattr(sys, "stderr", terminal)
+        assert main(argv + flags) == 0
+        monkeypatch.undo()
+        assert (f"{name}:" in terminal.getvalue()) == shown, terminal.getvalue()
+        assert main(argv) == 0  # stderr captured by pytest: not a terminal, so no bar
+        assert f"{name}:" not in capsys.readouterr().err
