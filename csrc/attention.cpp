@@ -303,7 +303,8 @@ void forward_head(const T* Q, const T* K, const T* V, int64_t N, int64_t M, int6
   }
 }
 
-// Gradients of one (batch, head) into dQ (N x D), dK, dV (M x D), all in the rotated frame of Q and K.
+// Gradients of one (batch, head) into dQ (N x D; skipped when null), dK, dV (M x D), all in the rotated frame
+// of Q and K.
 // delta = rowsum(dO O) (N). S, dP: scratch tiles.
 template <typename T, bool kCausal>
 void backward_head(const T* Q, const T* K, const T* V, const T* dO, const T* lse, const T* delta, int64_t N,
@@ -322,7 +323,9 @@ void backward_head(const T* Q, const T* K, const T* V, const T* dO, const T* lse
     gemm<T>(true, false, L, D, rows, T(1), S, L, dO + i0 * D, D, T(1), dV + jb * D, D);  // dV += P^T dO
     gemm<T>(false, true, rows, L, D, T(1), dO + i0 * D, D, V + jb * D, D, T(0), dP, L);  // dP = dO V^T
     fns.dscores(S, dP, blk, delta + i0);                                                // S = dS
-    gemm<T>(false, false, rows, D, L, scale, S, L, K + jb * D, D, T(0), dQ + i0 * D, D);  // dQ = s dS K
+    if (dQ != nullptr) {
+      gemm<T>(false, false, rows, D, L, scale, S, L, K + jb * D, D, T(0), dQ + i0 * D, D);  // dQ = s dS K
+    }
     gemm<T>(true, false, L, D, rows, scale, S, L, Q + i0 * D, D, T(1), dK + jb * D, D);   // dK += s dS^T Q
   }
 }
@@ -553,10 +556,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const Dims& dims, c
                                                              const at::Tensor& q, const at::Tensor& k,
                                                              const at::Tensor& v, const Tables& tab,
                                                              const at::Tensor& out, const at::Tensor& lse_in,
-                                                             int64_t window) {
+                                                             int64_t window, bool q_grad) {
   using T = at::opmath_type<scalar_t>;
   const int64_t B = dims.B, H = dims.H, N = dims.N, M = dims.M, D = dims.D;
-  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  at::Tensor dq = q_grad ? at::empty_like(q) : at::empty({0}, q.options());
+  at::Tensor dk = at::empty_like(k), dv = at::empty_like(v);
   const at::Tensor lse = lse_in.contiguous();
   const T scale = T(1) / std::sqrt(static_cast<T>(D));
   const RowFns<T, kCausal> fns = select_row_fns<T, kCausal>();
@@ -577,9 +581,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const Dims& dims, c
       load_plain(head_of<scalar_t>(v, b, h), M, D, V);
       load_plain(head_of<scalar_t>(grad_out, b, h), N, D, dO);
       row_dots(head_of<scalar_t>(out, b, h), dO, N, D, delta);  // delta = rowsum(dO * out), out as stored
-      backward_head<T, kCausal>(Q, K, V, dO, lse_p + bh * N, delta, N, M, D, window, scale, fns, dQ, dK, dV, S,
-                                dP);
-      store_unrotated(dQ, N, D, cq, sq, head_of<scalar_t>(dq, b, h));
+      backward_head<T, kCausal>(Q, K, V, dO, lse_p + bh * N, delta, N, M, D, window, scale, fns,
+                                q_grad ? dQ : nullptr, dK, dV, S, dP);
+      if (q_grad) {
+        store_unrotated(dQ, N, D, cq, sq, head_of<scalar_t>(dq, b, h));
+      }
       store_unrotated(dK, M, D, ck, sk, head_of<scalar_t>(dk, b, h));
       store_plain(dV, M, D, head_of<scalar_t>(dv, b, h));
     }
@@ -620,7 +626,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_backward_cpu(
   const int64_t w = std::min(window, std::max<int64_t>(dims.N, 1));
   std::tuple<at::Tensor, at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "self_attention_backward_cpu", [&] {
-    result = backward_impl<scalar_t, true>(dims, grad_out, q, k, v, tab, out, lse, w);
+    result = backward_impl<scalar_t, true>(dims, grad_out, q, k, v, tab, out, lse, w, true);
   });
   return result;
 }
@@ -643,7 +649,7 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(const at::Tensor& q, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor> latent_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& cos_q, const at::Tensor& sin_q, const at::Tensor& cos_k, const at::Tensor& sin_k,
-    const at::Tensor& out, const at::Tensor& lse) {
+    const at::Tensor& out, const at::Tensor& lse, bool q_grad) {
   const char* op = "latent_attention_backward";
   const Dims dims = check_qkv(op, q, k, v, false);
   check_tables(op, "cos_q", "sin_q", cos_q, sin_q, dims.N, dims.D, "tokens");
@@ -652,7 +658,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> latent_attention_backward_cpu(
   const Tables tab = convert_tables(cos_q, sin_q, cos_k, sin_k, compute_dtype(q));
   std::tuple<at::Tensor, at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "latent_attention_backward_cpu", [&] {
-    result = backward_impl<scalar_t, false>(dims, grad_out, q, k, v, tab, out, lse, 0);
+    result = backward_impl<scalar_t, false>(dims, grad_out, q, k, v, tab, out, lse, 0, q_grad);
   });
   return result;
 }

@@ -33,9 +33,11 @@ TORCH_LIBRARY(ltm, m) {
   // k, v (B, H, M, hd). Returns out (B, H, N, hd) and lse (B, H, N) as self_attention does.
   m.def("latent_attention(Tensor q, Tensor k, Tensor v, Tensor cos_q, Tensor sin_q, Tensor cos_k, "
         "Tensor sin_k) -> (Tensor out, Tensor lse)");
-  // Gradients of latent_attention's out with respect to q, k, v, from the forward's out and lse.
+  // Gradients of latent_attention's out with respect to q, k, v, from the forward's out and lse; with q_grad
+  // false dq is not computed and is returned empty (the inner loop's layer-0 query is a constant).
   m.def("latent_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor cos_q, Tensor sin_q, "
-        "Tensor cos_k, Tensor sin_k, Tensor out, Tensor lse) -> (Tensor dq, Tensor dk, Tensor dv)");
+        "Tensor cos_k, Tensor sin_k, Tensor out, Tensor lse, bool q_grad=True) -> (Tensor dq, Tensor dk, "
+        "Tensor dv)");
   // The LM head with its cross-entropy, without (rows x V) logits: hidden (B, N, d), weight (V, d), targets
   // (B, N) int64 in [0, V) or -1 (ignored). Returns nll (B,), each sequence's summed -log softmax(l)[target] of
   // logits l = hidden weight^T; lse (B * N,), each row's logsumexp (for the backward); and when compute_grad,
@@ -48,6 +50,18 @@ TORCH_LIBRARY(ltm, m) {
   // weight_grad; each is an empty tensor when not asked for.
   m.def("lm_head_nll_backward(Tensor grad, Tensor hidden, Tensor weight, Tensor targets, Tensor lse, "
         "Tensor dh, bool hidden_grad, bool weight_grad) -> (Tensor grad_hidden, Tensor grad_weight)");
+  // RMSNorm over the last dimension d, optionally of a residual sum: h = x (+ residual), rstd = 1 / sqrt(mean(h^2)
+  // + eps) (float32, float64 for float64 x; one per row), y = (h rstd) weight with the normalised row rounded to x's dtype first (as
+  // reference.rms_norm_ref). Returns y, h (an empty tensor without a residual:
+  // h is x) and rstd. See ltm_kernels/elementwise_cpp.py.
+  m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor y, Tensor h, Tensor rstd)");
+  // Gradients of rms_norm: grad_x (= grad_residual) from grad_y and, when given, the gradient arriving at the h
+  // output (add_rms_norm returns h too); grad_weight when weight_grad, else an empty tensor.
+  m.def("rms_norm_backward(Tensor grad_y, Tensor? grad_h, Tensor h, Tensor weight, Tensor rstd, bool weight_grad) "
+        "-> (Tensor grad_x, Tensor grad_weight)");
+  // SwiGLU gate: out = silu(gate) * up, elementwise, gate and up of one shape and dtype.
+  m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
+  m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor grad_gate, Tensor grad_up)");
 }
 
 // `import ltm_kernels._C` is what runs the static registrations above; the module itself stays empty.

@@ -3,15 +3,17 @@
 Backends (docs/backends.md):
 - ``eager``  plain PyTorch (`ltm_kernels.reference`): the readable reference and the fallback everywhere.
 - ``cpp``    the compiled extension `ltm_kernels._C` for the ops it implements on the model's device
-             (CPU: posterior step, blocked sliding-window self-attention, latent cross-attention, the LM head
-             with its cross-entropy; CUDA:
+             (CPU: every op: posterior step, blocked sliding-window self-attention, latent cross-attention,
+             the LM head with its cross-entropy, RMSNorm, residual add + RMSNorm, SwiGLU; CUDA:
              posterior step where built with nvcc); the remaining ops run eagerly, as `Ops.impl` records.
+             On CPU its linear layers run through oneDNN (`ltm_kernels.linear_onednn`, impl "onednn").
              Asking for it without a built extension, or on a device it has no kernel for, is an error.
 - ``triton`` fused Triton kernels (`rms_norm`, `add_rms_norm`, `swiglu`, `self_attention`, `latent_attention`,
              `lm_head_nll`, `posterior_step`) on CUDA, or on CPU tensors under TRITON_INTERPRET=1 (slow, fp32:
              for tests).
 - ``auto``   the fastest implementation available for each op on the model's device: Triton kernels on
-             CUDA (half and fp32 tensors), the extension where built, else eager. Never the interpreter.
+             CUDA (half and fp32 tensors), the extension where built (and oneDNN linears on CPU), else
+             eager. Never the interpreter.
 
 The eager LM head (`lm_head_nll` of eager, and of cpp / auto where the extension has no kernel) is the chunked PyTorch loss
 `ltm_kernels.chunked_linear_cross_entropy`, so no backend materialises (B*N, V) logits;
@@ -41,6 +43,7 @@ class BackendUnavailableError(RuntimeError):
 class Ops:
     """The implementations one model uses. `impl` maps op name -> backend that provides it (for reports)."""
 
+    linear: Callable
     rms_norm: Callable
     add_rms_norm: Callable
     swiglu: Callable
@@ -52,6 +55,7 @@ class Ops:
 
 
 _EAGER = dict(
+    linear=torch.nn.functional.linear,
     rms_norm=reference.rms_norm_ref,
     add_rms_norm=reference.add_rms_norm_ref,
     swiglu=reference.swiglu_ref,
@@ -61,11 +65,28 @@ _EAGER = dict(
     posterior_step=reference.posterior_step_ref,
 )
 
-# Ops the C++ extension implements, by name (schema `ltm::<name>`); the functional wrappers live in ltm_kernels.
+# Ops the C++ extension implements, by name (schema `ltm::<name>`, except add_rms_norm: `ltm::rms_norm` with a
+# residual); the functional wrappers live in ltm_kernels.
 _CPP = dict(posterior_step=ltm_kernels.posterior_step,
             self_attention=ltm_kernels.self_attention_cpp,
             latent_attention=ltm_kernels.latent_attention_cpp,
-            lm_head_nll=ltm_kernels.lm_head_nll_cpp)
+            lm_head_nll=ltm_kernels.lm_head_nll_cpp,
+            rms_norm=ltm_kernels.rms_norm_cpp,
+            add_rms_norm=ltm_kernels.add_rms_norm_cpp,
+            swiglu=ltm_kernels.swiglu_cpp)
+
+_CPP_SCHEMA = {"add_rms_norm": "rms_norm"}
+
+# The CPU GEMM of the linear layers under cpp / auto (a library choice, not an extension kernel: impl "onednn").
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _linear_onednn_else_eager(x, weight):
+    """For cpp / auto on CPU: oneDNN for float32 / bfloat16, F.linear for the rest (float64 models)."""
+    if x.dtype in _ONEDNN_DTYPES and weight.dtype == x.dtype:
+        return ltm_kernels.linear_onednn(x, weight)
+    return torch.nn.functional.linear(x, weight)
+
 
 # Ops with a Triton kernel; the first argument's dtype decides whether `auto` may use it.
 _TRITON = dict(
@@ -138,8 +159,10 @@ def select_ops(backend: str, device: torch.device) -> Ops:
     impl = {name: "eager" for name in _EAGER}
     if backend in ("cpp", "auto"):
         for name, fn in _CPP.items():
-            if ltm_kernels.has_op(name, device.type):
+            if ltm_kernels.has_op(_CPP_SCHEMA.get(name, name), device.type):
                 chosen[name], impl[name] = fn, "cpp"
+        if device.type == "cpu" and ltm_kernels.linear_onednn_status()[0]:
+            chosen["linear"], impl["linear"] = _linear_onednn_else_eager, "onednn"
         if backend == "cpp" and "cpp" not in impl.values():
             missing = ", ".join(f"ltm::{name}" for name in _CPP)
             raise BackendUnavailableError(

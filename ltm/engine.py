@@ -9,7 +9,9 @@ and the step counter. A loop is
     result()                                               # a Posterior holding copies of the outputs
 
 (`run` does all three). `execute` is the same Python on every device: reset the moments and the counter,
-z = mu + noise * sigma, then T times forward + activation-only backward (`torch.autograd.grad` with respect to
+z = mu + noise * sigma, the forward's part that does not depend on z (the embedding and layer 0 up to its
+cross-attention query: `LTMDecoder.latent_free_prefix`) once, then T times the rest of the forward +
+activation-only backward (`torch.autograd.grad` with respect to
 z) + the posterior-step op, then nll and kl. Nothing in it reads a tensor on the host, and nothing
 allocated in a step outlives it: the op's step counter and scheduled lr live on the device, z is the same
 buffer every step (the gradient is taken through `z_leaf`, which shares its memory), and every update is
@@ -81,10 +83,11 @@ class InnerLoop:
             raise RuntimeError("the model of this InnerLoop no longer exists")
         return model
 
-    def _step(self, model) -> None:
-        """One inner step on the buffers: forward, dCE/dz, posterior step (counter and lr on the device)."""
+    def _step(self, model, prefix) -> None:
+        """One inner step on the buffers: forward from `prefix`, dCE/dz, posterior step (counter and lr on
+        the device)."""
         with torch.enable_grad():
-            nll = model.sequence_nll(self.tokens, self.targets, self.z_leaf)
+            nll = model.sequence_nll(self.tokens, self.targets, self.z_leaf, prefix)
             (grad_z,) = torch.autograd.grad(nll.sum(), self.z_leaf)
         self.ops.posterior_step(self.mu, self.logvar, *self.moments, self.z, grad_z, self.noise, self.step,
                                 self.lr, self.steps, SCHEDULES.index(self.schedule), ADAM_BETAS[0], ADAM_BETAS[1],
@@ -100,9 +103,12 @@ class InnerLoop:
             m.zero_()
         self.step.zero_()
         self.z.copy_(self.mu + self.noise * torch.exp(0.5 * self.logvar))
+        # The part of the forward that does not depend on z, once per loop (no_grad: no step differentiates
+        # into it, so layer 0's cross-attention query gets no gradient either).
+        prefix = model.latent_free_prefix(self.tokens)
         for _ in range(self.steps):
-            self._step(model)
-        return model.sequence_nll(self.tokens, self.targets, self.z), kl_divergence(self.mu, self.logvar)
+            self._step(model, prefix)
+        return model.sequence_nll(self.tokens, self.targets, self.z, prefix), kl_divergence(self.mu, self.logvar)
 
     # ------------------------------------------------------------------------------------------- public
     def load(self, tokens, targets, mu=None, logvar=None, noise=None, generator: Optional[torch.Generator] = None,

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ltm import backends
@@ -50,6 +49,20 @@ class Attention(nn.Module):
     def merge_heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, L, hd) -> (B, L, d)
         return x.transpose(1, 2).flatten(-2)
 
+    def project(self, x: torch.Tensor, linear: nn.Linear, ops: backends.Ops) -> torch.Tensor:
+        """One projection, split into heads (B, H, L, hd)."""
+        return self.split_heads(ops.linear(x, linear.weight))
+
+    def project_qkv(self, x: torch.Tensor, ops: backends.Ops):
+        """q, k, v (B, H, L, hd) of one input: one GEMM with the three weights stacked (three times the
+        columns per call runs closer to the machine's matmul rate); the heads are views into its output."""
+        qkv = ops.linear(x, torch.cat((self.wq.weight, self.wk.weight, self.wv.weight)))
+        return tuple(self.split_heads(t) for t in qkv.chunk(3, dim=-1))
+
+    def output(self, attn: torch.Tensor, ops: backends.Ops) -> torch.Tensor:
+        """The output projection of the attention heads (B, H, L, hd) -> (B, L, d)."""
+        return ops.linear(self.merge_heads(attn), self.wo.weight)
+
 
 class FeedForward(nn.Module):
     def __init__(self, cfg: LTMConfig):
@@ -59,10 +72,15 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, ops: backends.Ops) -> torch.Tensor:
-        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+        gate, up = ops.linear(x, self.gate_proj.weight), ops.linear(x, self.up_proj.weight)
+        return ops.linear(ops.swiglu(gate, up), self.down_proj.weight)
 
 
 class DecoderLayer(nn.Module):
+    """One pre-norm block: sliding-window self-attention, cross-attention to the layer's latents, SwiGLU MLP,
+    each with a residual. The stages are separate methods because the inner loop computes layer 0's first
+    two (which do not depend on z) once per loop, and KV-cache decoding brings its own self-attention."""
+
     def __init__(self, cfg: LTMConfig):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -73,25 +91,32 @@ class DecoderLayer(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x, z_layer, rope_tokens, rope_latents, window: int, ops: backends.Ops):
-        sa = self.attention
-        x_norm = self.attention_norm(x, ops)
-        q, k, v = (sa.split_heads(w(x_norm)) for w in (sa.wq, sa.wk, sa.wv))
+        q, k, v = self.attention.project_qkv(self.attention_norm(x, ops), ops)
         attn = ops.self_attention(q, k, v, *rope_tokens, window)
+        return self.after_self_attention(x, attn, self.latent_kv(z_layer, ops), rope_tokens, rope_latents, ops)
+
+    def latent_kv(self, z_layer: torch.Tensor, ops: backends.Ops):
+        """Keys and values (B, H, n_z_per_layer, hd) of the layer's latents (B, n_z_per_layer, d)."""
         ca = self.cross_attention
-        latent_kv = ca.split_heads(ca.wk(z_layer)), ca.split_heads(ca.wv(z_layer))
-        return self.after_self_attention(x, attn, latent_kv, rope_tokens, rope_latents, ops)
+        return ca.project(z_layer, ca.wk, ops), ca.project(z_layer, ca.wv, ops)
+
+    def cross_attention_query(self, x, attn, ops: backends.Ops):
+        """Residual of the self-attention output, and the cross-attention query: (h, q (B, H, N, hd))."""
+        h_norm, h = ops.add_rms_norm(x, self.attention.output(attn, ops), self.cross_attention_norm.weight,
+                                     self.cross_attention_norm.eps)
+        return h, self.cross_attention.project(h_norm, self.cross_attention.wq, ops)
+
+    def after_cross_attention_query(self, h, q, latent_kv, rope_queries, rope_latents, ops: backends.Ops):
+        """Cross-attention to the layer's latents (k, v given) with its residual, then the SwiGLU MLP."""
+        attn = ops.latent_attention(q, *latent_kv, *rope_queries, *rope_latents)
+        h_norm, h = ops.add_rms_norm(h, self.cross_attention.output(attn, ops), self.ffn_norm.weight,
+                                     self.ffn_norm.eps)
+        return h + self.feed_forward(h_norm, ops)
 
     def after_self_attention(self, x, attn, latent_kv, rope_queries, rope_latents, ops: backends.Ops):
-        """The rest of the block once self-attention is done (shared with KV-cache decoding): residual,
-        cross-attention to the layer's latents (k, v given), SwiGLU."""
-        attended = self.attention.wo(self.attention.merge_heads(attn))
-        # Residual add + the next pre-norm in one op (one pass over h instead of three when fused).
-        h_norm, h = ops.add_rms_norm(x, attended, self.cross_attention_norm.weight, self.cross_attention_norm.eps)
-        ca = self.cross_attention
-        q = ca.split_heads(ca.wq(h_norm))
-        attended = ca.wo(ca.merge_heads(ops.latent_attention(q, *latent_kv, *rope_queries, *rope_latents)))
-        h_norm, h = ops.add_rms_norm(h, attended, self.ffn_norm.weight, self.ffn_norm.eps)
-        return h + self.feed_forward(h_norm, ops)
+        """The rest of the block once self-attention is done (shared with KV-cache decoding)."""
+        h, q = self.cross_attention_query(x, attn, ops)
+        return self.after_cross_attention_query(h, q, latent_kv, rope_queries, rope_latents, ops)
 
 
 @dataclass
@@ -220,13 +245,27 @@ class LTMDecoder(nn.Module):
         return x.reshape(flat)
 
     # ---------------------------------------------------------------- forward
-    def hidden_states(self, tokens: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Final-normed hidden states (B, N, d), no input checks (inner loops validate once, up front)."""
-        cfg, ops = self.cfg, self.ops
+    def latent_free_prefix(self, tokens: torch.Tensor) -> tuple:
+        """What the forward computes before anything depends on z: the embedding and layer 0 up to its
+        cross-attention query, as (h, q). The inner loop computes it once per loop, not once per step, and
+        under no_grad, so that no step differentiates into it (layer 0's query gets no gradient)."""
+        ops, layer = self.ops, self.layers[0]
         x = self.tok_embeddings(tokens)
-        z = z.to(x.dtype).view(z.shape[0], cfg.n_layer, cfg.n_z_per_layer, cfg.d_model)
-        rope_tokens, rope_latents = self._rope(tokens.shape[1], x.device, x.dtype)
-        for i, layer in enumerate(self.layers):
+        rope_tokens, _ = self._rope(tokens.shape[1], x.device, x.dtype)
+        q, k, v = layer.attention.project_qkv(layer.attention_norm(x, ops), ops)
+        attn = ops.self_attention(q, k, v, *rope_tokens, self.cfg.window_size)
+        return layer.cross_attention_query(x, attn, ops)
+
+    def hidden_states(self, tokens: torch.Tensor, z: torch.Tensor, prefix: Optional[tuple] = None) -> torch.Tensor:
+        """Final-normed hidden states (B, N, d), no input checks (inner loops validate once, up front).
+        `prefix`: `latent_free_prefix(tokens)` when the caller already has it."""
+        cfg, ops = self.cfg, self.ops
+        h, q = self.latent_free_prefix(tokens) if prefix is None else prefix
+        z = z.to(h.dtype).view(z.shape[0], cfg.n_layer, cfg.n_z_per_layer, cfg.d_model)
+        rope_tokens, rope_latents = self._rope(tokens.shape[1], h.device, h.dtype)
+        first = self.layers[0]
+        x = first.after_cross_attention_query(h, q, first.latent_kv(z[:, 0], ops), rope_tokens, rope_latents, ops)
+        for i, layer in enumerate(self.layers[1:], start=1):
             x = layer(x, z[:, i], rope_tokens, rope_latents, cfg.window_size, ops)
         return self.norm(x, ops)
 
@@ -236,9 +275,11 @@ class LTMDecoder(nn.Module):
         z = self.check_latent(z, tokens.shape[0], "z")
         return self.output(self.hidden_states(tokens, z))
 
-    def sequence_nll(self, tokens: torch.Tensor, targets: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Per-sequence summed cross-entropy (B,); targets == -1 are ignored. No input checks."""
-        h = self.hidden_states(tokens, z)
+    def sequence_nll(self, tokens: torch.Tensor, targets: torch.Tensor, z: torch.Tensor,
+                     prefix: Optional[tuple] = None) -> torch.Tensor:
+        """Per-sequence summed cross-entropy (B,); targets == -1 are ignored. No input checks. `prefix`: as
+        for hidden_states."""
+        h = self.hidden_states(tokens, z, prefix)
         return self.ops.lm_head_nll(h, self.output.weight, targets)
 
     def elbo_terms(self, tokens, targets, mu, logvar, noise):
@@ -270,10 +311,7 @@ class LTMDecoder(nn.Module):
         dtype, device = self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device
         batch = z.shape[0] if isinstance(z, torch.Tensor) and z.dim() > 0 else 0
         z = self.check_latent(z, batch, "z").to(dtype).view(batch, cfg.n_layer, cfg.n_z_per_layer, cfg.d_model)
-        latent_kv = []
-        for i, layer in enumerate(self.layers):
-            ca = layer.cross_attention
-            latent_kv.append((ca.split_heads(ca.wk(z[:, i])), ca.split_heads(ca.wv(z[:, i]))))
+        latent_kv = [layer.latent_kv(z[:, i], self.ops) for i, layer in enumerate(self.layers)]
         size = min(cfg.window_size, max_len)
         shape = (cfg.n_layer, batch, cfg.n_head, size, cfg.head_dim)
         return KVCache(latent_kv=latent_kv, k=torch.zeros(shape, dtype=dtype, device=device),
@@ -302,9 +340,7 @@ class LTMDecoder(nn.Module):
         slots = new_pos % size
         cache.slot_pos[slots] = new_pos
         for i, layer in enumerate(self.layers):
-            sa = layer.attention
-            x_norm = layer.attention_norm(x, ops)
-            q, k, v = (sa.split_heads(w(x_norm)) for w in (sa.wq, sa.wk, sa.wv))
+            q, k, v = layer.attention.project_qkv(layer.attention_norm(x, ops), ops)
             cache.k[i][:, :, slots], cache.v[i][:, :, slots] = k[:, :, -len(slots):], v[:, :, -len(slots):]
             if p == 0:  # prefill from position 0: exactly the full forward's attention
                 attn = ops.self_attention(q, k, v, cos_q, sin_q, cfg.window_size)

@@ -69,7 +69,7 @@ def fp32_tables(*tables: torch.Tensor) -> list[torch.Tensor]:
     return [t.to(torch.float32).contiguous() for t in tables]
 
 
-def grad_wanted(ctx, index: int) -> bool:
+def grad_wanted(ctx, index: int, node_index: int | None = None) -> bool:
     """Inside an autograd Function's backward: is the gradient of input `index` going to be used?
 
     `ctx.needs_input_grad` only says the input requires grad. The inner loop calls
@@ -77,11 +77,12 @@ def grad_wanted(ctx, index: int) -> bool:
     and built-in ops skip them. Asking the engine whether it will run the input's grad node lets us skip
     them too (the LM head's dW costs two extra (rows x V x d) matmuls).
     `index` counts the Function's tensor inputs only (`ctx.next_functions` skips the others): keep the
-    tensor arguments of `forward` first, optional ones (None) last.
+    tensor arguments of `forward` first, optional ones (None) last. For a torch.library op, whose
+    `needs_input_grad` counts every argument, `node_index` is the input's place among the tensors passed.
     """
     if not ctx.needs_input_grad[index]:
         return False
-    node = ctx.next_functions[index][0]
+    node = ctx.next_functions[index if node_index is None else node_index][0]
     try:
         return node is None or torch._C._will_engine_execute_node(node)
     except RuntimeError:

@@ -25,8 +25,8 @@ Ops (schemas in csrc/ltm_ops.cpp), CPU kernels only:
     torch.ops.ltm.self_attention(q, k, v, cos, sin, window) -> (out, lse)
     torch.ops.ltm.self_attention_backward(grad_out, q, k, v, cos, sin, out, lse, window) -> (dq, dk, dv)
     torch.ops.ltm.latent_attention(q, k, v, cos_q, sin_q, cos_k, sin_k) -> (out, lse)
-    torch.ops.ltm.latent_attention_backward(grad_out, q, k, v, cos_q, sin_q, cos_k, sin_k, out, lse)
-        -> (dq, dk, dv)
+    torch.ops.ltm.latent_attention_backward(grad_out, q, k, v, cos_q, sin_q, cos_k, sin_k, out, lse, q_grad=True)
+        -> (dq, dk, dv)                                                          dq empty when not q_grad
 lse is (B, H, N), the natural-log logsumexp of the scaled scores, float32 (float64 for float64 inputs).
 The forward ops are differentiable in q, k, v (autograd registered here; the tables get no gradient, lse
 none either); fake kernels make them traceable by torch.compile.
@@ -54,7 +54,8 @@ def _forward_fake(q, k, v, *tables_and_window):
 
 
 def _backward_fake(grad_out, q, k, v, *rest):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    q_grad = rest[-1] if isinstance(rest[-1], bool) else True  # latent_attention_backward's q_grad
+    return torch.empty_like(q) if q_grad else q.new_empty((0,)), torch.empty_like(k), torch.empty_like(v)
 
 
 def _self_attention_setup_context(ctx, inputs, output):
@@ -79,8 +80,10 @@ def _latent_attention_setup_context(ctx, inputs, output):
 
 def _latent_attention_backward(ctx, grad_out, grad_lse):
     q, k, v, cos_q, sin_q, cos_k, sin_k, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.ltm.latent_attention_backward(grad_out, q, k, v, cos_q, sin_q, cos_k, sin_k, out, lse)
-    return dq, dk, dv, None, None, None, None
+    q_grad = ctx.needs_input_grad[0]  # False for the inner loop's layer 0, whose query is computed once
+    dq, dk, dv = torch.ops.ltm.latent_attention_backward(grad_out, q, k, v, cos_q, sin_q, cos_k, sin_k, out, lse,
+                                                         q_grad)
+    return (dq if q_grad else None), dk, dv, None, None, None, None
 
 
 @on_load
