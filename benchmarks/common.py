@@ -106,6 +106,19 @@ def cpu_info() -> dict:
     return {"cpu": name, "cpu_isa": flags, "cpu_count": len([ln for ln in lines if ln.startswith("processor")])}
 
 
+def library_versions() -> dict:
+    """The BLAS and oneDNN builds torch links (they pick different kernels by CPU vendor), from
+    torch.__config__.show()."""
+    versions = {"blas": None, "onednn": None}
+    for line in torch.__config__.show().splitlines():
+        line = line.strip(" -")
+        if "Math Kernel Library Version" in line or "OpenBLAS" in line:
+            versions["blas"] = line
+        elif "MKL-DNN" in line or "oneDNN" in line:
+            versions["onednn"] = line
+    return versions
+
+
 def _nvidia_smi():
     """Clocks and power limit, when nvidia-smi is there to ask."""
     fields = "clocks.sm,clocks.max.sm,clocks.mem,power.limit,power.max_limit,driver_version"
@@ -128,7 +141,8 @@ def device_info(device: torch.device) -> dict:
         info.update(name=props.name, cuda=torch.version.cuda, memory_bytes=props.total_memory,
                     sm_count=props.multi_processor_count, nvidia_smi=_nvidia_smi())
     else:
-        info["name"] = info["cpu"]
+        info.update(name=info["cpu"], bf16_dot=bool({"avx512_bf16", "amx_bf16"} & set(info["cpu_isa"])),
+                    aten_cpu_capability=torch.backends.cpu.get_cpu_capability(), **library_versions())
     try:
         import triton
         info["triton"] = triton.__version__

@@ -30,9 +30,7 @@ import argparse
 import copy
 import dataclasses
 import datetime as dt
-import json
 import math
-import platform
 import resource
 import statistics
 import subprocess
@@ -43,16 +41,17 @@ from pathlib import Path
 import torch
 
 import ltm_kernels
+from common import (DTYPES, RESULTS_DIR, Unavailable, device_info, git_commit, max_rel_error, slug, synchronize,
+                    write_result)
 from ltm import LTMConfig, LTMDecoder, backend_status
 from ltm.engine import InnerLoop
+from ltm.latents import latents_from_normals
 from ltm.posterior import ADAM_BETAS, ADAM_EPS, scheduled_lr
 from ltm_kernels import reference
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 VARIANTS = ("reference", "eager", "compiled", "compiled-max", "cpp", "triton", "fused", "fused+graph")
 DEFAULT_VARIANTS = {"cpu": ("reference", "eager", "compiled", "cpp", "fused"),
                     "cuda": ("reference", "eager", "compiled", "compiled-max", "fused", "fused+graph")}
-DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Dense bf16/fp16 tensor-core peaks from the vendor datasheets (SXM parts), TFLOP/s.
 DATASHEET_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 # Published per-iteration times (Kong et al. 2025), 8 x H100 at 64 sequences x 1024 tokens per GPU.
@@ -107,10 +106,6 @@ def measured_matmul_tflops(device: torch.device, dtype: torch.dtype) -> dict:
 
 
 # ---------------------------------------------------------------- variants
-class Unavailable(Exception):
-    """This variant cannot run on this machine; the message says why."""
-
-
 def reference_inner_loop(model, tokens, targets, steps, lr, schedule, weight_decay, mu, logvar, noise):
     """The published recipe: full backward (decoder grads accumulate too) and torch.optim.AdamW."""
     mu, logvar = mu.clone().requires_grad_(True), logvar.clone().requires_grad_(True)
@@ -208,20 +203,11 @@ def make_train_runner(variant, model, inputs, args, steps):
     return run
 
 
-def max_rel_error(got, want) -> float:
-    return float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30))
-
-
 def rel_l2_error(got, want) -> float:
     """||got - want|| / ||want||. The low-precision check uses it instead of the max: after two AdamW steps an
     element whose two gradients nearly cancel lands on either side of zero for a 1% change of its gradient (a
     whole lr away), so the max compares rounding luck, not accuracy."""
     return float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_runs(run, device, repeats, faults=None):
@@ -250,10 +236,8 @@ def make_inputs(cfg, batch, seq, device, dtype, seed):
     shape = (batch, cfg.n_z, cfg.d_model)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device, generator=gen)
     pdtype = torch.promote_types(dtype, torch.float32)  # the variational parameters stay >= fp32
-    return (tokens[:, :-1], tokens[:, 1:],
-            0.01 * torch.randn(shape, device=device, dtype=pdtype, generator=gen),
-            -5 + 0.1 * torch.randn(shape, device=device, dtype=pdtype, generator=gen),
-            torch.randn(shape, device=device, dtype=pdtype, generator=gen))
+    normals = [torch.randn(shape, device=device, dtype=pdtype, generator=gen) for _ in range(3)]
+    return (tokens[:, :-1], tokens[:, 1:], *latents_from_normals(*normals))
 
 
 def run_configuration(args, cfg, batch, seq, steps, device, dtype, status, peaks, wrong_variant=None) -> dict:
@@ -447,93 +431,6 @@ def write_plot(result: dict, path: Path):
 
 
 # ---------------------------------------------------------------- environment
-def git_commit() -> str:
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=here)
-        # Result files rewritten by earlier runs do not make the measured code dirty.
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
-                                ":(exclude,top)benchmarks/results"], capture_output=True,
-                               text=True, timeout=10, cwd=here).stdout.strip()
-        return head.stdout.strip() + ("-dirty" if dirty else "") if head.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def device_info(device) -> dict:
-    info = {"type": device.type, "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(name=props.name, cuda=torch.version.cuda, memory_bytes=props.total_memory,
-                    sm_count=props.multi_processor_count, nvidia_smi=_nvidia_smi())
-    else:
-        flags = _cpu_flags()
-        info.update(name=_cpu_name(), isa_flags=[f for f in ISA_FLAGS if f in flags],
-                    bf16_dot=bool({"avx512_bf16", "amx_bf16"} & flags),
-                    aten_cpu_capability=torch.backends.cpu.get_cpu_capability(), **_library_versions())
-    try:
-        import triton
-        info["triton"] = triton.__version__
-    except Exception:
-        info["triton"] = None
-    return info
-
-
-def _nvidia_smi():
-    """Clocks and power limit, when nvidia-smi is there to ask."""
-    fields = "clocks.sm,clocks.max.sm,clocks.mem,power.limit,power.max_limit,driver_version"
-    try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0 or not out.stdout.strip():
-        return None
-    return dict(zip(fields.split(","), (v.strip() for v in out.stdout.splitlines()[0].split(","))))
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-# The ISA extensions the CPU kernels and GEMM libraries choose their code paths by.
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-             "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
-
-
-def _cpu_flags() -> set:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _library_versions() -> dict:
-    """The BLAS and oneDNN builds torch links, from torch.__config__.show()."""
-    versions = {"blas": None, "onednn": None}
-    for line in torch.__config__.show().splitlines():
-        line = line.strip(" -")
-        if "Math Kernel Library Version" in line or "OpenBLAS" in line:
-            versions["blas"] = line
-        elif "MKL-DNN" in line or "oneDNN" in line:
-            versions["onednn"] = line
-    return versions
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text).strip("-").lower()[:48] or "device"
-
-
 # ---------------------------------------------------------------- main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -657,11 +554,8 @@ def main(argv=None, wrong_variant=None) -> dict:
               "runs": runs}
     name = "_".join(filter(None, ["inner_loop", "train" if args.train else None,
                                   f"sweep-{args.sweep}" if args.sweep else None,
-                                  _slug(info["name"]), str(dt.date.today())]))
-    out = args.out or RESULTS_DIR / f"{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+                                  slug(info["name"]), str(dt.date.today())]))
+    out = write_result(result, name, args.out or RESULTS_DIR / f"{name}.json")
     if args.plot:
         write_plot(result, out.with_suffix(".png"))
     return result
