@@ -31,3 +31,34 @@ def random_published_sd(cfg: LTMConfig, seed: int, std: float = 0.2, emb_std: fl
         sd[f"{p}feed_forward.up_proj.weight"] = rnd(f, d)
         sd[f"{p}feed_forward.down_proj.weight"] = rnd(d, f)
     return sd
+
+
+ISA_LEVELS = ["DEFAULT", "AVX2", "AVX512"]  # ATEN_CPU_CAPABILITY values, lowest first
+
+
+def lower_isa_levels() -> list:
+    """The ATen capabilities below this CPU's own (whose code paths every other test runs); skips, saying why,
+    when there are none."""
+    import pytest
+
+    host = torch.backends.cpu.get_cpu_capability()
+    if host not in ISA_LEVELS or host == "DEFAULT":
+        pytest.skip(f"one loop copy only on this CPU (ATen capability {host})")
+    return ISA_LEVELS[: ISA_LEVELS.index(host)]
+
+
+def run_at_isa(level: str, code: str, inputs_path, outputs_path):
+    """Run `code` (which torch.saves (capability, results) to argv[2] from the inputs in argv[1]) in a fresh
+    interpreter with ATEN_CPU_CAPABILITY=level, so the C++ kernels pick that level's copy; returns results."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": level.lower()}
+    run = subprocess.run([sys.executable, "-c", code, str(inputs_path), str(outputs_path)], cwd=root, env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    capability, results = torch.load(outputs_path)
+    assert capability == level
+    return results

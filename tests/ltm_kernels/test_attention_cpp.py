@@ -1,19 +1,16 @@
 """ltm::self_attention and ltm::latent_attention (C++ CPU kernels, csrc/attention.cpp) against the eager
 references in float64, through the public functions and autograd: outputs and dq, dk, dv."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from helpers import lower_isa_levels, run_at_isa
 
 from ltm_kernels import _extension, extension_status, reference
 from ltm_kernels.attention_cpp import latent_attention_cpp, self_attention_cpp
 from ltm_kernels.reference import latent_attention_ref, self_attention_ref
 
 F64 = torch.float64
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture
@@ -271,10 +268,7 @@ def test_every_isa_copy(needs_extension, tmp_path):
     """The float softmax loops are compiled for SSE2, AVX2 and AVX-512 and picked at run time, capped by
     ATEN_CPU_CAPABILITY: every copy this CPU can run matches the float64 reference (self-attention, and
     latent attention with short rows (M = 4, the flat-tile path) and long ones (M = 40))."""
-    host = torch.backends.cpu.get_cpu_capability()
-    levels = ["DEFAULT", "AVX2", "AVX512"]
-    if host not in levels or host == "DEFAULT":
-        pytest.skip(f"one loop copy only on this CPU (ATen capability {host})")
+    levels = lower_isa_levels()
     gen = torch.Generator().manual_seed(16)
     cases = []
     for op, M in (("self", 130), ("latent", 4), ("latent", 40)):
@@ -283,13 +277,8 @@ def test_every_isa_copy(needs_extension, tmp_path):
         cases.append((op, inputs, tables, torch.randn(2, 2, 130, 64, generator=gen, dtype=F64)))
     torch.save([(op, [x.float() for x in xs], [t.float() for t in ts], g.float()) for op, xs, ts, g in cases],
                tmp_path / "in.pt")
-    for level in levels[: levels.index(host)]:  # the host's own copy runs in every other test
-        env = {**os.environ, "ATEN_CPU_CAPABILITY": level.lower()}
-        run = subprocess.run([sys.executable, "-c", _RUN_ON_SAVED_INPUTS, str(tmp_path / "in.pt"),
-                              str(tmp_path / "out.pt")], cwd=ROOT, env=env, capture_output=True, text=True)
-        assert run.returncode == 0, run.stderr
-        capability, results = torch.load(tmp_path / "out.pt")
-        assert capability == level
+    for level in levels:
+        results = run_at_isa(level, _RUN_ON_SAVED_INPUTS, tmp_path / "in.pt", tmp_path / "out.pt")
         for (op, inputs, tables, grad), got in zip(cases, results):
             xs = [x.float().double().requires_grad_() for x in inputs]
             ts = [t.float().double() for t in tables]

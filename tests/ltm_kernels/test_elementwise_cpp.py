@@ -1,19 +1,15 @@
 """ltm::rms_norm and ltm::swiglu (C++ CPU kernels, csrc/elementwise.cpp) against the eager float64 references,
 through the public functions and autograd: outputs and every gradient."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from helpers import lower_isa_levels, run_at_isa
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ltm_kernels import add_rms_norm_cpp, extension_status, rms_norm_cpp, swiglu_cpp
 from ltm_kernels.reference import add_rms_norm_ref, rms_norm_ref, swiglu_ref
 
 F64 = torch.float64
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = pytest.mark.extension
 EPS = 1e-5
 
@@ -162,19 +158,11 @@ torch.save((torch.backends.cpu.get_cpu_capability(), [t.detach() for t in outs +
 def test_every_isa_copy(tmp_path):
     """The float loops are compiled for SSE2, AVX2 and AVX-512 and picked at run time (capped by
     ATEN_CPU_CAPABILITY): every copy this CPU can run matches the float64 reference."""
-    host = torch.backends.cpu.get_cpu_capability()
-    levels = ["DEFAULT", "AVX2", "AVX512"]
-    if host not in levels or host == "DEFAULT":
-        pytest.skip(f"one loop copy only on this CPU (ATen capability {host})")
+    levels = lower_isa_levels()
     x, r, w, g = make((3, 11, 72), seed=4)
     torch.save([x.float(), r.float(), w.float(), g], tmp_path / "in.pt")
     want = all_ops(EAGER, *(t.float().to(F64) for t in (x, r, w)), g)
-    for level in levels[: levels.index(host)]:
-        env = {**os.environ, "ATEN_CPU_CAPABILITY": level.lower()}
-        run = subprocess.run([sys.executable, "-c", _RUN_ON_SAVED_INPUTS, str(tmp_path / "in.pt"),
-                              str(tmp_path / "out.pt")], cwd=ROOT, env=env, capture_output=True, text=True)
-        assert run.returncode == 0, run.stderr
-        capability, got = torch.load(tmp_path / "out.pt")
-        assert capability == level
+    for level in levels:
+        got = run_at_isa(level, _RUN_ON_SAVED_INPUTS, tmp_path / "in.pt", tmp_path / "out.pt")
         for name, a, e in zip(NAMES, got, want):
             torch.testing.assert_close(a.double(), e, **TOL[torch.float32], msg=lambda m, name=name: f"{level}: {name}: {m}")

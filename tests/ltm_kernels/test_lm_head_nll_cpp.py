@@ -1,19 +1,15 @@
 """ltm::lm_head_nll (C++ CPU kernel, csrc/lm_head.cpp) against the eager float64 reference
 `reference.lm_head_nll_ref`, through the public function and autograd: nll, d/dhidden and d/dweight."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from helpers import lower_isa_levels, run_at_isa
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ltm_kernels import extension_status, lm_head_nll_cpp
 from ltm_kernels.reference import lm_head_nll_ref
 
 F64 = torch.float64
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = pytest.mark.extension
 
 
@@ -183,20 +179,12 @@ torch.save((torch.backends.cpu.get_cpu_capability(), [nll, gh, gw]), sys.argv[2]
 def test_every_engine(tmp_path):
     """float32 runs the AVX-512 engine where ATen's capability is AVX512 and the BLAS engine below it
     (ATEN_CPU_CAPABILITY lowers it): each engine this CPU can run matches the float64 reference."""
-    host = torch.backends.cpu.get_cpu_capability()
-    levels = ["DEFAULT", "AVX2", "AVX512"]
-    if host not in levels or host == "DEFAULT":
-        pytest.skip(f"one engine only on this CPU (ATen capability {host})")
+    levels = lower_isa_levels()
     hidden, weight, targets = make_inputs(3, 45, 40, 613, seed=5, ignore=[(1, 3)])
     torch.save((hidden.float(), weight.float(), targets), tmp_path / "in.pt")
     want = reference(hidden, weight, targets, torch.float32, torch.ones(3, dtype=F64))
-    for level in levels[: levels.index(host)]:  # the host's own engine runs in every other test
-        env = {**os.environ, "ATEN_CPU_CAPABILITY": level.lower()}
-        run_ = subprocess.run([sys.executable, "-c", _RUN_ON_SAVED_INPUTS, str(tmp_path / "in.pt"),
-                               str(tmp_path / "out.pt")], cwd=ROOT, env=env, capture_output=True, text=True)
-        assert run_.returncode == 0, run_.stderr
-        capability, got = torch.load(tmp_path / "out.pt")
-        assert capability == level
+    for level in levels:  # the host's own engine runs in every other test
+        got = run_at_isa(level, _RUN_ON_SAVED_INPUTS, tmp_path / "in.pt", tmp_path / "out.pt")
         for name, a, e in zip(("nll", "grad_hidden", "grad_weight"), got, want):
             torch.testing.assert_close(a.double(), e, **TOL[torch.float32],
                                        msg=lambda m, name=name: f"{level}: {name}: {m}")
