@@ -366,7 +366,7 @@ def child_peak_rss(args, variant: str, batch: int, seq: int, steps: int) -> int:
 
 
 def memory_child(args) -> None:
-    """--memory-child: build the one variant, run its inner loop once, print the peak RSS (Linux: KB)."""
+    """--memory-child: build the one variant, run its inner loop once, print its peak RSS in bytes."""
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     cfg = LTMConfig.from_name(args.preset)
     torch.manual_seed(args.seed)
@@ -375,7 +375,20 @@ def memory_child(args) -> None:
     variant = args.variants[0]
     model = build_variant(variant, base, backend_status())
     make_runner(variant, model, inputs, args, args.steps)()
-    print(f"PEAK_RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}", flush=True)
+    print(f"PEAK_RSS {own_peak_rss()}", flush=True)
+
+
+def own_peak_rss() -> int:
+    """This process's peak resident memory in bytes. Linux: VmHWM, the high-water mark of this process's own
+    address space, which starts afresh at exec; getrusage's ru_maxrss would not do in a child process, as it
+    starts from the parent's resident size at fork."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 # ---------------------------------------------------------------- reporting
