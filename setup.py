@@ -34,9 +34,12 @@ def _extensions():
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
-        print("ltm-kernels: torch is not importable in this build environment (pip's build isolation), so the "
-              "C++ extension is not compiled now; ltm_kernels compiles it against the installed torch at first "
-              "use (or install with `pip install --no-build-isolation -e .` to compile it now)", file=sys.stderr)
+        print(
+            "ltm-kernels: torch is not importable in this build environment (pip's build isolation), so the "
+            "C++ extension is not compiled now; ltm_kernels compiles it against the installed torch at first "
+            "use (or install with `pip install --no-build-isolation -e .` to compile it now)",
+            file=sys.stderr,
+        )
         return [], {}
 
     build = _load_build_config()
@@ -50,10 +53,17 @@ def _extensions():
     if arch_list is not None:
         # torch reads the variable when it compiles, later in this process.
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
-        print(f"ltm-kernels: no GPU visible and TORCH_CUDA_ARCH_LIST unset: building the CUDA kernels for "
-              f"TORCH_CUDA_ARCH_LIST={arch_list!r}", file=sys.stderr)
-    ext = CUDAExtension("ltm_kernels._C", cpp_sources + cuda_sources,
-                        extra_compile_args={"cxx": cxx, "nvcc": build.NVCC_FLAGS}, extra_link_args=link)
+        print(
+            f"ltm-kernels: no GPU visible and TORCH_CUDA_ARCH_LIST unset: building the CUDA kernels for "
+            f"TORCH_CUDA_ARCH_LIST={arch_list!r}",
+            file=sys.stderr,
+        )
+    ext = CUDAExtension(
+        "ltm_kernels._C",
+        cpp_sources + cuda_sources,
+        extra_compile_args={"cxx": cxx, "nvcc": build.NVCC_FLAGS},
+        extra_link_args=link,
+    )
     return [ext], {"build_ext": BuildExtension}
 
 

@@ -26,6 +26,7 @@ Every variant is checked against `sdpa-dense-mask` / `sdpa` (output and gradient
 Writes benchmarks/results/attention_<device>_<date>.json (device, versions, commit, config, raw times); timing,
 environment and the result file are benchmarks/common.py's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,17 +52,19 @@ def _flex_window(n_tokens: int, window: int, device):
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError as err:
-        raise Unavailable(f"FlexAttention is not in this torch ({err})")
+        raise Unavailable(f"FlexAttention is not in this torch ({err})") from err
     if device.type != "cuda":
         raise Unavailable("FlexAttention is benchmarked on CUDA only")
 
     def in_window(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
+
     block_mask = create_block_mask(in_window, None, None, n_tokens, n_tokens, device=device)
     compiled = torch.compile(flex_attention)
 
     def run(q, k, v, cos, sin, window_):
         return compiled(*_rope(q, k, cos, sin), v, block_mask=block_mask)
+
     return run
 
 
@@ -88,8 +91,9 @@ def _kernel(name: str, op: str, device: torch.device):
         return getattr(ltm_kernels, f"{op}_triton")
     if name == "cpp":
         if not ltm_kernels.has_op(op, device.type):
-            raise Unavailable(f"the extension has no {device.type} kernel for ltm::{op} "
-                              f"({ltm_kernels.extension_status()[1]})")
+            raise Unavailable(
+                f"the extension has no {device.type} kernel for ltm::{op} ({ltm_kernels.extension_status()[1]})"
+            )
         return getattr(ltm_kernels, f"{op}_cpp")
     raise ValueError(f"unknown variant {name!r}")
 
@@ -126,8 +130,10 @@ def check_and_time(fn, inputs, want, args, device):
     out = fn(*leaves, *inputs[3:])
     grad_out = want[-1]
     out.backward(grad_out)
-    errors = {name: max_rel_error(g, w) for name, g, w in
-              zip(("out", "dq", "dk", "dv"), (out, *(t.grad for t in leaves)), want[:4])}
+    errors = {
+        name: max_rel_error(g, w)
+        for name, g, w in zip(("out", "dq", "dk", "dv"), (out, *(t.grad for t in leaves)), want[:4])
+    }
 
     def forward():
         with torch.no_grad():
@@ -135,8 +141,9 @@ def check_and_time(fn, inputs, want, args, device):
 
     fwd = time_runs(forward, device, args.repeats, args.warmup)
     out = fn(*leaves, *inputs[3:])
-    bwd = time_runs(lambda: torch.autograd.grad(out, leaves, grad_out, retain_graph=True), device, args.repeats,
-                    args.warmup)
+    bwd = time_runs(
+        lambda: torch.autograd.grad(out, leaves, grad_out, retain_graph=True), device, args.repeats, args.warmup
+    )
     return errors, fwd, bwd
 
 
@@ -174,8 +181,14 @@ def run_variants(kind, names, make_fn, inputs, grad_out, work, unit, args, devic
             rows[name] = {"status": "wrong", "max_rel_error": errors, "rtol": tol}
             print(f"  {kind} {name}: WRONG {errors}", flush=True)
             continue
-        row = {"status": "ok", "max_rel_error": errors, "forward_times_s": fwd, "backward_times_s": bwd,
-               "forward_ms": 1e3 * median(fwd), "backward_ms": 1e3 * median(bwd)}
+        row = {
+            "status": "ok",
+            "max_rel_error": errors,
+            "forward_times_s": fwd,
+            "backward_times_s": bwd,
+            "forward_ms": 1e3 * median(fwd),
+            "backward_ms": 1e3 * median(bwd),
+        }
         for phase, amount in zip(("forward", "backward"), work):
             row[f"{phase}_{unit}"] = amount / (row[f"{phase}_ms"] / 1e3) / (1e12 if unit == "tflops" else 1e9)
         rows[name] = row
@@ -192,11 +205,15 @@ def print_table(title, rows, unit, unit_label, fmt):
     print(f"{'variant':<16} {'fwd ms':>9} {'fwd ' + unit_label:>9} {'bwd ms':>9} {'bwd ' + unit_label:>9}  note")
     for name, row in rows.items():
         if row["status"] == "ok":
-            print(f"{name:<16} {row['forward_ms']:>9.3f} {row['forward_' + unit]:>9{fmt}} "
-                  f"{row['backward_ms']:>9.3f} {row['backward_' + unit]:>9{fmt}}")
+            print(
+                f"{name:<16} {row['forward_ms']:>9.3f} {row['forward_' + unit]:>9{fmt}} "
+                f"{row['backward_ms']:>9.3f} {row['backward_' + unit]:>9{fmt}}"
+            )
         else:
-            print(f"{name:<16} {'-':>9} {'-':>9} {'-':>9} {'-':>9}  {row['status']}: "
-                  f"{row.get('reason') or row.get('max_rel_error')}")
+            print(
+                f"{name:<16} {'-':>9} {'-':>9} {'-':>9} {'-':>9}  {row['status']}: "
+                f"{row.get('reason') or row.get('max_rel_error')}"
+            )
 
 
 # ---------------------------------------------------------------- main
@@ -212,8 +229,12 @@ def parse_args(argv=None):
     p.add_argument("--latents", type=int, default=None, help="latents per layer M; default 8 CUDA / 4 CPU")
     p.add_argument("--self-variants", default=None, help=f"comma-separated subset of {SELF_VARIANTS}")
     p.add_argument("--cross-variants", default=None, help=f"comma-separated subset of {CROSS_VARIANTS}")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="CPU: timed runs per phase (default 5); CUDA: do_bench times as many as fit in 100 ms")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="CPU: timed runs per phase (default 5); CUDA: do_bench times as many as fit in 100 ms",
+    )
     p.add_argument("--warmup", type=int, default=2, help="CPU: untimed runs first (CUDA: do_bench's 25 ms)")
     p.add_argument("--check-rtol", type=float, default=None)
     p.add_argument("--out", type=Path, default=None)
@@ -221,8 +242,11 @@ def parse_args(argv=None):
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no CUDA device")
-    defaults = dict(dtype="bf16", batch=64, heads=8, seq=1024, window=256, latents=8, repeats=20) if cuda else \
-        dict(dtype="fp32", batch=4, heads=4, seq=512, window=128, latents=4, repeats=5)
+    defaults = (
+        dict(dtype="bf16", batch=64, heads=8, seq=1024, window=256, latents=8, repeats=20)
+        if cuda
+        else dict(dtype="fp32", batch=4, heads=4, seq=512, window=128, latents=4, repeats=5)
+    )
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -257,8 +281,11 @@ def main(argv=None) -> dict:
     env = environment(device)
     info, commit = env["device"], env["commit"]
     B, H, N, hd, W, M = args.batch, args.heads, args.seq, args.head_dim, args.window, args.latents
-    print(f"attention benchmark on {info['name']} ({device}), torch {info['torch']}, commit {commit}: "
-          f"{B} x {H} heads x {N} tokens, hd {hd}, window {W}, {M} latents, {args.dtype}", flush=True)
+    print(
+        f"attention benchmark on {info['name']} ({device}), torch {info['torch']}, commit {commit}: "
+        f"{B} x {H} heads x {N} tokens, hd {hd}, window {W}, {M} latents, {args.dtype}",
+        flush=True,
+    )
     g = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)  # noqa: E731
     cos, sin = rope_tables(torch.arange(N), hd, device)
@@ -267,32 +294,73 @@ def main(argv=None) -> dict:
     print(f"measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s", flush=True)
 
     self_inputs = (rand(B, H, N, hd), rand(B, H, N, hd), rand(B, H, N, hd), cos, sin, W)
-    self_rows = run_variants("self-attention", args.self_variants,
-                             lambda name: self_attention_variant(name, N, W, device), self_inputs,
-                             rand(B, H, N, hd), self_attention_flops(B, H, N, hd, W), "tflops", args, device, dtype,
-                             checked_as={"sdpa-causal": (*self_inputs[:5], N)})
+    self_rows = run_variants(
+        "self-attention",
+        args.self_variants,
+        lambda name: self_attention_variant(name, N, W, device),
+        self_inputs,
+        rand(B, H, N, hd),
+        self_attention_flops(B, H, N, hd, W),
+        "tflops",
+        args,
+        device,
+        dtype,
+        checked_as={"sdpa-causal": (*self_inputs[:5], N)},
+    )
     cross_inputs = (rand(B, H, N, hd), rand(B, H, M, hd), rand(B, H, M, hd), cos, sin, cos_k, sin_k)
     cross_bytes = latent_attention_bytes(B, H, N, M, hd, torch.empty((), dtype=dtype).element_size())
-    cross_rows = run_variants("cross-attention", args.cross_variants,
-                              lambda name: latent_attention_variant(name, device), cross_inputs, rand(B, H, N, hd),
-                              cross_bytes, "gbps", args, device, dtype)
+    cross_rows = run_variants(
+        "cross-attention",
+        args.cross_variants,
+        lambda name: latent_attention_variant(name, device),
+        cross_inputs,
+        rand(B, H, N, hd),
+        cross_bytes,
+        "gbps",
+        args,
+        device,
+        dtype,
+    )
     for row in cross_rows.values():
         if row["status"] == "ok":
             for phase in ("forward", "backward"):
                 row[f"{phase}_fraction_of_copy_bandwidth"] = row[f"{phase}_gbps"] * 1e9 / bandwidth
 
-    print_table(f"self-attention, exact-window TFLOP/s (forward {self_attention_flops(B, H, N, hd, W)[0] / 1e9:.2f} "
-                "GFLOP)", self_rows, "tflops", "TF/s", ".2f")
-    print_table(f"cross-attention, GB/s of compulsory traffic (copy bandwidth {bandwidth / 1e9:.1f} GB/s)", cross_rows,
-                "gbps", "GB/s", ".1f")
+    print_table(
+        f"self-attention, exact-window TFLOP/s (forward {self_attention_flops(B, H, N, hd, W)[0] / 1e9:.2f} GFLOP)",
+        self_rows,
+        "tflops",
+        "TF/s",
+        ".2f",
+    )
+    print_table(
+        f"cross-attention, GB/s of compulsory traffic (copy bandwidth {bandwidth / 1e9:.1f} GB/s)",
+        cross_rows,
+        "gbps",
+        "GB/s",
+        ".1f",
+    )
 
-    result = {"benchmark": "attention", **env, "dtype": args.dtype, "repeats": args.repeats, "warmup": args.warmup,
-              "config": {"batch": B, "heads": H, "seq": N, "head_dim": hd, "window": W, "latents": M,
-                         "self_attention_flops": dict(zip(("forward", "backward"),
-                                                          self_attention_flops(B, H, N, hd, W))),
-                         "latent_attention_bytes": dict(zip(("forward", "backward"), cross_bytes))},
-              "copy_bandwidth_bytes_per_s": bandwidth,
-              "self_attention": self_rows, "latent_attention": cross_rows}
+    result = {
+        "benchmark": "attention",
+        **env,
+        "dtype": args.dtype,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "config": {
+            "batch": B,
+            "heads": H,
+            "seq": N,
+            "head_dim": hd,
+            "window": W,
+            "latents": M,
+            "self_attention_flops": dict(zip(("forward", "backward"), self_attention_flops(B, H, N, hd, W))),
+            "latent_attention_bytes": dict(zip(("forward", "backward"), cross_bytes)),
+        },
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "self_attention": self_rows,
+        "latent_attention": cross_rows,
+    }
     write_result(result, "attention", args.out)
     return result
 

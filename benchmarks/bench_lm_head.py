@@ -17,6 +17,7 @@ variants spend one more GEMM in `train` (logits recomputed for dW); TFLOP/s belo
 Writes benchmarks/results/lm_head_<device>_<date>.json with the device, versions, commit, config, raw times;
 timing, environment and the result file are benchmarks/common.py's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,7 @@ def liger_loss():
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     except Exception as err:
-        raise Unavailable(f"liger-kernel not importable ({type(err).__name__}: {err})")
+        raise Unavailable(f"liger-kernel not importable ({type(err).__name__}: {err})") from err
     module = LigerFusedLinearCrossEntropyLoss(ignore_index=-1, reduction="sum")
     return lambda h, w, t, chunk_size=None: module(w, h.flatten(0, 1), t.flatten()).reshape(1)
 
@@ -103,14 +104,24 @@ def parse_args(argv=None):
     p.add_argument("--chunk-size", type=int, default=None, help="rows per chunk (default: default_chunk_rows)")
     p.add_argument("--modes", default="inner,train")
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--repeats", type=int, default=None,
-                   help="CPU: timed runs (default 3); CUDA: do_bench times as many as fit in 100 ms")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="CPU: timed runs (default 3); CUDA: do_bench times as many as fit in 100 ms",
+    )
     p.add_argument("--warmup", type=int, default=None, help="CPU: untimed runs first (default 1; CUDA: 25 ms)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
-    for name, on_cuda, on_cpu in (("tokens", 65536, 1024), ("batch", 64, 2), ("d", 512, 256),
-                                  ("dtype", "bf16", "fp32"), ("repeats", 20, 3), ("warmup", 3, 1)):
+    for name, on_cuda, on_cpu in (
+        ("tokens", 65536, 1024),
+        ("batch", 64, 2),
+        ("d", 512, 256),
+        ("dtype", "bf16", "fp32"),
+        ("repeats", 20, 3),
+        ("warmup", 3, 1),
+    ):
         if getattr(args, name) is None:
             setattr(args, name, on_cuda if cuda else on_cpu)
     if args.tokens % args.batch:
@@ -125,12 +136,23 @@ def main(argv=None) -> dict:
     hidden, weight, targets = make_inputs(args, device, dtype)
     chunk = args.chunk_size or default_chunk_rows(args.tokens, args.d, args.vocab)
     gemm_flops = 2 * args.tokens * args.d * args.vocab
-    config = dict(tokens=args.tokens, batch=args.batch, d=args.d, vocab=args.vocab, dtype=args.dtype,
-                  chunk_rows=chunk, repeats=args.repeats, warmup=args.warmup, gemm_flops=gemm_flops,
-                  logits_bytes_full=args.tokens * args.vocab * dtype.itemsize)
-    print(f"LM head + CE on {env['device']['name']}: tokens {args.tokens} (B {args.batch}), d {args.d}, "
-          f"V {args.vocab}, {args.dtype}, chunk {chunk} rows; full logits would be "
-          f"{config['logits_bytes_full'] / 2**30:.2f} GiB")
+    config = dict(
+        tokens=args.tokens,
+        batch=args.batch,
+        d=args.d,
+        vocab=args.vocab,
+        dtype=args.dtype,
+        chunk_rows=chunk,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        gemm_flops=gemm_flops,
+        logits_bytes_full=args.tokens * args.vocab * dtype.itemsize,
+    )
+    print(
+        f"LM head + CE on {env['device']['name']}: tokens {args.tokens} (B {args.batch}), d {args.d}, "
+        f"V {args.vocab}, {args.dtype}, chunk {chunk} rows; full logits would be "
+        f"{config['logits_bytes_full'] / 2**30:.2f} GiB"
+    )
     runs = {}
     for mode in args.modes.split(","):
         rows, want = {}, None
@@ -139,13 +161,14 @@ def main(argv=None) -> dict:
             row = rows.setdefault(name, {})
             try:
                 fn = variant_fn(name, device)
-                run = lambda fn=fn: step(fn, hidden, weight, targets, mode, chunk)  # noqa: E731
+                run = lambda fn=fn, mode=mode: step(fn, hidden, weight, targets, mode, chunk)  # noqa: E731
                 got = run()
                 if want is None and name == "eager":
                     want = got
                 if want is not None and name not in ("eager", "liger"):  # liger: one scalar loss
-                    errors = {k: max_rel_error(a, b) for k, a, b in zip(("nll", "dH", "dW"), got, want)
-                              if a is not None}
+                    errors = {
+                        k: max_rel_error(a, b) for k, a, b in zip(("nll", "dH", "dW"), got, want) if a is not None
+                    }
                     row["max_rel_error_vs_eager"] = errors
                     limit = 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
                     if max(errors.values()) > limit:
@@ -164,7 +187,7 @@ def main(argv=None) -> dict:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         base = rows.get("eager", {})
-        for name, row in rows.items():
+        for row in rows.values():
             if row.get("status") == "ok" and base.get("status") == "ok":
                 row["speedup_vs_eager"] = base["median_ms"] / row["median_ms"]
                 row["memory_ratio_vs_eager"] = base["peak_bytes"] / max(row["peak_bytes"], 1)
@@ -175,8 +198,11 @@ def main(argv=None) -> dict:
             if row.get("status") != "ok":
                 print(f"{name:10s} {row['status']}: {row.get('reason', '')}")
                 continue
-            print(f"{name:10s} {row['median_ms']:10.2f} {row['tflops']:8.2f} {row['peak_bytes'] / 2**20:9.1f} "
-                  f"{row.get('speedup_vs_eager', float('nan')):7.2f}x {row.get('memory_ratio_vs_eager', float('nan')):6.1f}x")
+            speedup, memory = row.get("speedup_vs_eager", float("nan")), row.get("memory_ratio_vs_eager", float("nan"))
+            print(
+                f"{name:10s} {row['median_ms']:10.2f} {row['tflops']:8.2f} {row['peak_bytes'] / 2**20:9.1f} "
+                f"{speedup:7.2f}x {memory:6.1f}x"
+            )
     result = dict(benchmark="lm_head", **env, config=config, runs=runs)
     write_result(result, "lm_head", args.out)
     return result

@@ -14,6 +14,7 @@ and the date unless a path is given.
 Scripts run from anywhere as `python benchmarks/<script>.py` (Python puts this folder on sys.path) and are
 imported by the tests through pytest's `pythonpath` setting.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -29,8 +30,26 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
 # ISA extensions that decide which CPU kernels and dtypes run fast (as /proc/cpuinfo spells them).
-CPU_ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-                 "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve", "sve2", "bf16")
+CPU_ISA_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "asimd",
+    "sve",
+    "sve2",
+    "bf16",
+)
 
 
 class Unavailable(Exception):
@@ -43,8 +62,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_runs(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1,
-              cuda_budget_ms: float = 100.0) -> list[float]:
+def time_runs(
+    fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1, cuda_budget_ms: float = 100.0
+) -> list[float]:
     """Seconds of each timed run of `fn()`.
 
     CPU: `warmup` untimed calls, then `repeats` calls each timed by torch.utils.benchmark.Timer with the
@@ -57,8 +77,7 @@ def time_runs(fn: Callable[[], object], device: torch.device, repeats: int, warm
         import triton.testing
 
         with torch.cuda.device(device):
-            return [ms / 1e3 for ms in triton.testing.do_bench(fn, warmup=25, rep=cuda_budget_ms,
-                                                                return_mode="all")]
+            return [ms / 1e3 for ms in triton.testing.do_bench(fn, warmup=25, rep=cuda_budget_ms, return_mode="all")]
     from torch.utils import benchmark
 
     for _ in range(warmup):
@@ -79,9 +98,13 @@ def git_commit() -> str:
     here = Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=here)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
-                                ":(exclude,top)benchmarks/results"], capture_output=True,
-                               text=True, timeout=10, cwd=here).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", ":(exclude,top)benchmarks/results"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=here,
+        ).stdout.strip()
         return head.stdout.strip() + ("-dirty" if dirty else "") if head.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -123,8 +146,9 @@ def _nvidia_smi():
     """Clocks and power limit, when nvidia-smi is there to ask."""
     fields = "clocks.sm,clocks.max.sm,clocks.mem,power.limit,power.max_limit,driver_version"
     try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"], capture_output=True, text=True, timeout=20
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0 or not out.stdout.strip():
@@ -134,17 +158,33 @@ def _nvidia_smi():
 
 def device_info(device: torch.device) -> dict:
     """The device measured, the host's CPU and the versions: `name` is the GPU's, or the CPU model."""
-    info = {"type": device.type, "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "threads": torch.get_num_threads(), **cpu_info()}
+    info = {
+        "type": device.type,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+        **cpu_info(),
+    }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(name=props.name, cuda=torch.version.cuda, memory_bytes=props.total_memory,
-                    sm_count=props.multi_processor_count, nvidia_smi=_nvidia_smi())
+        info.update(
+            name=props.name,
+            cuda=torch.version.cuda,
+            memory_bytes=props.total_memory,
+            sm_count=props.multi_processor_count,
+            nvidia_smi=_nvidia_smi(),
+        )
     else:
-        info.update(name=info["cpu"], bf16_dot=bool({"avx512_bf16", "amx_bf16"} & set(info["cpu_isa"])),
-                    aten_cpu_capability=torch.backends.cpu.get_cpu_capability(), **library_versions())
+        info.update(
+            name=info["cpu"],
+            bf16_dot=bool({"avx512_bf16", "amx_bf16"} & set(info["cpu_isa"])),
+            aten_cpu_capability=torch.backends.cpu.get_cpu_capability(),
+            **library_versions(),
+        )
     try:
         import triton
+
         info["triton"] = triton.__version__
     except Exception:  # not installed, or broken: recorded as absent
         info["triton"] = None
@@ -153,8 +193,11 @@ def device_info(device: torch.device) -> dict:
 
 def environment(device: torch.device) -> dict:
     """The record every result file starts with: when, which code, which machine."""
-    return {"date": dt.datetime.now().isoformat(timespec="seconds"), "commit": git_commit(),
-            "device": device_info(device)}
+    return {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "device": device_info(device),
+    }
 
 
 # -------------------------------------------------------------------------------------------- results

@@ -6,6 +6,7 @@ RAW_DIR is the session's folder of logs and JSON (steps.tsv: name, budget s, sec
 benchmark whose JSON is missing or has an unexpected shape is reported as such, never guessed at; the
 inner-loop table is `readme_table.render`'s, the one the README shows.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from readme_table import render  # noqa: E402  (the README's inner-loop table)
+from readme_table import render
 
 
 def _num(value, spec: str) -> str:
@@ -36,8 +37,11 @@ def _pytest_line(raw: Path) -> str:
     if not log.exists():
         return "pytest -m gpu: not run"
     # the final summary line: "=== 12 passed, 3 skipped in 40.1s ===", or with -q --collect-only "12 tests collected"
-    found = [line.strip(" =") for line in log.read_text().splitlines()
-             if re.search(r"\b(passed|failed|errors?|skipped|deselected|collected|no tests ran)\b", line)]
+    found = [
+        line.strip(" =")
+        for line in log.read_text().splitlines()
+        if re.search(r"\b(passed|failed|errors?|skipped|deselected|collected|no tests ran)\b", line)
+    ]
     return f"pytest -m gpu: {found[-1]}" if found else "pytest -m gpu: no summary line (see pytest-gpu.log)"
 
 
@@ -75,12 +79,18 @@ def _attention(raw: Path) -> list[str]:
             lines.append(f"attention: no `{section}` in attention.json")
             continue
         label = "TFLOP/s" if unit == "tflops" else "GB/s"
-        lines += [f"**{section}**", "", f"| variant | status | fwd ms | bwd ms | fwd {label} | bwd {label} |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            f"**{section}**",
+            "",
+            f"| variant | status | fwd ms | bwd ms | fwd {label} | bwd {label} |",
+            "|---|---|---|---|---|---|",
+        ]
         for name, row in rows.items():
-            lines.append(f"| {name} | {_status(row)} | {_num(row.get('forward_ms'), '.3f')} "
-                         f"| {_num(row.get('backward_ms'), '.3f')} | {_num(row.get('forward_' + unit), '.1f')} "
-                         f"| {_num(row.get('backward_' + unit), '.1f')} |")
+            lines.append(
+                f"| {name} | {_status(row)} | {_num(row.get('forward_ms'), '.3f')} "
+                f"| {_num(row.get('backward_ms'), '.3f')} | {_num(row.get('forward_' + unit), '.1f')} "
+                f"| {_num(row.get('backward_' + unit), '.1f')} |"
+            )
         lines.append("")
     return lines
 
@@ -96,9 +106,11 @@ def _lm_head(raw: Path) -> list[str]:
     for mode, rows in runs.items():
         for name, row in rows.items():
             peak = row.get("peak_bytes")
-            lines.append(f"| {mode} | {name} | {_status(row)} | {_num(row.get('median_ms'), '.2f')} "
-                         f"| {_num(row.get('tflops'), '.1f')} | {_num(peak and peak / 1e9, '.2f')} "
-                         f"| {_num(row.get('speedup_vs_eager'), '.2f')} |")
+            lines.append(
+                f"| {mode} | {name} | {_status(row)} | {_num(row.get('median_ms'), '.2f')} "
+                f"| {_num(row.get('tflops'), '.1f')} | {_num(peak and peak / 1e9, '.2f')} "
+                f"| {_num(row.get('speedup_vs_eager'), '.2f')} |"
+            )
     return lines
 
 
@@ -107,9 +119,28 @@ def summary(raw: Path, dry_run: bool) -> str:
     smi = (raw / "nvidia-smi.txt").read_text() if (raw / "nvidia-smi.txt").exists() else ""
     gpu = re.search(r"^GPU 0: (.+?) \(UUID", smi, re.M)  # `nvidia-smi -L`
     device = "dry run on CPU, tiny sizes: no GPU result" if dry_run else (gpu[1] if gpu else "GPU not identified")
-    parts = [f"# GPU session — {device}", "", f"commit `{commit}`", "", *_steps(raw), "", _pytest_line(raw), "",
-             "## Inner loop", "", *_inner_loop(raw), "", "## Attention", "", *_attention(raw), "",
-             "## LM head + cross-entropy", "", *_lm_head(raw), ""]
+    parts = [
+        f"# GPU session — {device}",
+        "",
+        f"commit `{commit}`",
+        "",
+        *_steps(raw),
+        "",
+        _pytest_line(raw),
+        "",
+        "## Inner loop",
+        "",
+        *_inner_loop(raw),
+        "",
+        "## Attention",
+        "",
+        *_attention(raw),
+        "",
+        "## LM head + cross-entropy",
+        "",
+        *_lm_head(raw),
+        "",
+    ]
     return "\n".join(parts)
 
 

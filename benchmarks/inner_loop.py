@@ -24,6 +24,7 @@ Model FLOPs per inner step (forward + activation-only backward, exact sliding wi
 come from `inner_step_flops`; utilisation is reported against the datasheet peak (CUDA) and a matmul peak
 measured in the same run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,10 +40,19 @@ import time
 from pathlib import Path
 
 import torch
+from common import (
+    DTYPES,
+    RESULTS_DIR,
+    Unavailable,
+    device_info,
+    git_commit,
+    max_rel_error,
+    slug,
+    synchronize,
+    write_result,
+)
 
 import ltm_kernels
-from common import (DTYPES, RESULTS_DIR, Unavailable, device_info, git_commit, max_rel_error, slug, synchronize,
-                    write_result)
 from ltm import LTMConfig, LTMDecoder, backend_status
 from ltm.engine import InnerLoop
 from ltm.latents import latents_from_normals
@@ -50,8 +60,10 @@ from ltm.posterior import ADAM_BETAS, ADAM_EPS, scheduled_lr
 from ltm_kernels import reference
 
 VARIANTS = ("reference", "eager", "compiled", "compiled-max", "cpp", "triton", "fused", "fused+graph")
-DEFAULT_VARIANTS = {"cpu": ("reference", "eager", "compiled", "cpp", "fused"),
-                    "cuda": ("reference", "eager", "compiled", "compiled-max", "fused", "fused+graph")}
+DEFAULT_VARIANTS = {
+    "cpu": ("reference", "eager", "compiled", "cpp", "fused"),
+    "cuda": ("reference", "eager", "compiled", "compiled-max", "fused", "fused+graph"),
+}
 # Dense bf16/fp16 tensor-core peaks from the vendor datasheets (SXM parts), TFLOP/s.
 DATASHEET_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 # Published per-iteration times (Kong et al. 2025), 8 x H100 at 64 sequences x 1024 tokens per GPU.
@@ -101,7 +113,7 @@ def measured_matmul_tflops(device: torch.device, dtype: torch.dtype) -> dict:
                 fn()
             synchronize(device)
             best = min(best, (time.perf_counter() - start) / 4)
-        rates[name] = 2 * n ** 3 / best / 1e12
+        rates[name] = 2 * n**3 / best / 1e12
     return {**rates, "best": max(rates.values())}
 
 
@@ -136,8 +148,9 @@ def build_variant(variant: str, base: LTMDecoder, status: dict) -> LTMDecoder:
         raise Unavailable("CUDA graphs need a CUDA device")
     if variant == "compiled-max" and device.type != "cuda":
         raise Unavailable("max-autotune-no-cudagraphs is benchmarked on CUDA only")
-    backend = {"fused": "auto", "fused+graph": "auto", "compiled": "eager", "compiled-max": "eager"}.get(variant,
-                                                                                                       variant)
+    backend = {"fused": "auto", "fused+graph": "auto", "compiled": "eager", "compiled-max": "eager"}.get(
+        variant, variant
+    )
     ok, reason = status[backend]
     if not ok:
         raise Unavailable(reason)
@@ -145,7 +158,7 @@ def build_variant(variant: str, base: LTMDecoder, status: dict) -> LTMDecoder:
     model.backend = backend
     if variant.startswith("compiled"):
         model.requires_grad_(False)  # frozen decoder: AOTAutograd then compiles no weight gradients
-        model.ops  # resolved now, so that the compiled graph sees it as a constant
+        _ = model.ops  # resolved now, so that the compiled graph sees it as a constant
         mode = "max-autotune-no-cudagraphs" if variant == "compiled-max" else None
         model.sequence_nll = torch.compile(model.sequence_nll, mode=mode)
     return model
@@ -158,26 +171,47 @@ def make_runner(variant, model, inputs, args, steps):
 
         def run_reference():
             with torch.autocast(tokens.device.type, dtype=half, enabled=half is not None):
-                return reference_inner_loop(model, tokens, targets, steps, args.lr, args.schedule,
-                                            args.weight_decay, mu, logvar, noise)
+                return reference_inner_loop(
+                    model, tokens, targets, steps, args.lr, args.schedule, args.weight_decay, mu, logvar, noise
+                )
+
         return run_reference
     if variant in ("fused", "fused+graph"):
         # The static-buffer engine: inputs loaded and the graph captured here, outside the timed region;
         # a timed run is `execute` alone (one graph replay per loop for fused+graph).
-        loop = InnerLoop(model, tokens.shape[0], tokens.shape[1], steps=steps, lr=args.lr, schedule=args.schedule,
-                         weight_decay=args.weight_decay, graph=variant == "fused+graph")
+        loop = InnerLoop(
+            model,
+            tokens.shape[0],
+            tokens.shape[1],
+            steps=steps,
+            lr=args.lr,
+            schedule=args.schedule,
+            weight_decay=args.weight_decay,
+            graph=variant == "fused+graph",
+        )
         loop.load(tokens, targets, mu, logvar, noise)
         loop.capture()
 
         def run_engine():
             loop.execute()
             return loop.mu, loop.logvar
+
         return run_engine
 
     def run():
-        post = model.infer_posterior(tokens, targets, steps=steps, lr=args.lr, schedule=args.schedule,
-                                     weight_decay=args.weight_decay, mu=mu, logvar=logvar, noise=noise)
+        post = model.infer_posterior(
+            tokens,
+            targets,
+            steps=steps,
+            lr=args.lr,
+            schedule=args.schedule,
+            weight_decay=args.weight_decay,
+            mu=mu,
+            logvar=logvar,
+            noise=noise,
+        )
         return post.mu, post.logvar
+
     return run
 
 
@@ -200,6 +234,7 @@ def make_train_runner(variant, model, inputs, args, steps):
         torch.nn.utils.clip_grad_norm_(trainable.parameters(), 1.0)
         optimizer.step()
         return mu_fit, logvar_fit
+
     return run
 
 
@@ -249,9 +284,11 @@ def run_configuration(args, cfg, batch, seq, steps, device, dtype, status, peaks
     rtol = args.check_rtol or {torch.float64: 1e-9, torch.float32: 2e-3}.get(dtype)
     runner = make_train_runner if args.train else make_runner
     flops = inner_step_flops(cfg, batch, seq) * steps
-    print(f"{args.preset}: batch {batch} x {seq} tokens, T {steps}, {args.dtype}, {device}"
-          f"{' (training iterations)' if args.train else ''}; {flops / 1e12:.3f} model TFLOP per inner loop",
-          flush=True)
+    print(
+        f"{args.preset}: batch {batch} x {seq} tokens, T {steps}, {args.dtype}, {device}"
+        f"{' (training iterations)' if args.train else ''}; {flops / 1e12:.3f} model TFLOP per inner loop",
+        flush=True,
+    )
 
     print("  eager: correctness baseline ...", flush=True)
     half = dtype in (torch.bfloat16, torch.float16)
@@ -297,8 +334,7 @@ def run_configuration(args, cfg, batch, seq, steps, device, dtype, status, peaks
                 rows[variant] = {"status": "wrong", "max_rel_error": errors, "rtol": rtol}
                 print(f"  {variant}: WRONG (max relative error {errors} > {rtol}); not timed", flush=True)
                 continue
-            print(f"  {variant}: timing {args.repeats} run(s){' (interleaved)' if interleave else ''} ...",
-                  flush=True)
+            print(f"  {variant}: timing {args.repeats} run(s){' (interleaved)' if interleave else ''} ...", flush=True)
             run = runner(variant, model, inputs, args, steps)
             if args.train:
                 run()  # warm-up of the decoder update
@@ -313,8 +349,11 @@ def run_configuration(args, cfg, batch, seq, steps, device, dtype, status, peaks
         except (RuntimeError, torch.OutOfMemoryError) as err:
             record_out_of_memory(variant, err)
             continue
-        rows[variant] = {"status": "ok", "max_rel_error": errors,
-                         "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if cuda else None}
+        rows[variant] = {
+            "status": "ok",
+            "max_rel_error": errors,
+            "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
+        }
         if interleave:
             kept[variant] = (model, run)  # the engine refers to its model weakly: keep both
         del model, run  # on CUDA: released before the next variant is built
@@ -327,19 +366,28 @@ def run_configuration(args, cfg, batch, seq, steps, device, dtype, status, peaks
     for variant, variant_times in times.items():
         median = statistics.median(variant_times)
         row = rows[variant]
-        row.update({"times_s": variant_times, "median_s": median, "ms_per_loop": 1e3 * median,
-                    "minor_faults_per_loop": statistics.median(f for f, _ in faults[variant]),
-                    "system_s_per_loop": statistics.median(t for _, t in faults[variant]),
-                    "ms_per_step": 1e3 * median / steps, "tokens_per_s": batch * seq * steps / median,
-                    "model_tflops_per_s": flops / median / 1e12})
+        row.update(
+            {
+                "times_s": variant_times,
+                "median_s": median,
+                "ms_per_loop": 1e3 * median,
+                "minor_faults_per_loop": statistics.median(f for f, _ in faults[variant]),
+                "system_s_per_loop": statistics.median(t for _, t in faults[variant]),
+                "ms_per_step": 1e3 * median / steps,
+                "tokens_per_s": batch * seq * steps / median,
+                "model_tflops_per_s": flops / median / 1e12,
+            }
+        )
         for key, peak in peaks.items():
             if peak and not args.train:  # a training iteration also does the decoder update: not counted
                 row[f"mfu_vs_{key}"] = row["model_tflops_per_s"] / peak
     if not cuda and args.memory:
         for variant in times:
             rows[variant]["peak_memory_bytes"] = child_peak_rss(args, variant, batch, seq, steps)
-            print(f"  {variant}: peak resident memory {rows[variant]['peak_memory_bytes'] / 1e9:.2f} GB "
-                  "(own process)", flush=True)
+            print(
+                f"  {variant}: peak resident memory {rows[variant]['peak_memory_bytes'] / 1e9:.2f} GB (own process)",
+                flush=True,
+            )
     for ref_name in ("reference", "compiled"):
         ref = rows.get(ref_name, {})
         for row in rows.values():
@@ -347,17 +395,41 @@ def run_configuration(args, cfg, batch, seq, steps, device, dtype, status, peaks
                 row[f"speedup_vs_{ref_name}"] = ref["median_s"] / row["median_s"]
                 if ref.get("peak_memory_bytes") and row.get("peak_memory_bytes"):
                     row[f"memory_vs_{ref_name}"] = row["peak_memory_bytes"] / ref["peak_memory_bytes"]
-    return {"config": {"batch": batch, "seq": seq, "steps": steps, "check_steps": check_steps, "check_rtol": rtol,
-                       "model_flops_per_loop": flops, **cfg.to_dict()},
-            "variants": rows}
+    return {
+        "config": {
+            "batch": batch,
+            "seq": seq,
+            "steps": steps,
+            "check_steps": check_steps,
+            "check_rtol": rtol,
+            "model_flops_per_loop": flops,
+            **cfg.to_dict(),
+        },
+        "variants": rows,
+    }
 
 
 def child_peak_rss(args, variant: str, batch: int, seq: int, steps: int) -> int:
     """Peak resident memory (bytes) of one inner loop of `variant` in a process of its own, so that variants
     do not share a high-water mark: the base model, the inputs, the variant's model and one loop."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), *args.argv, "--preset", args.preset, "--batch", str(batch),
-           "--seq", str(seq), "--steps", str(steps), "--dtype", args.dtype, "--variants", variant,
-           "--memory-child"]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        *args.argv,
+        "--preset",
+        args.preset,
+        "--batch",
+        str(batch),
+        "--seq",
+        str(seq),
+        "--steps",
+        str(steps),
+        "--dtype",
+        args.dtype,
+        "--variants",
+        variant,
+        "--memory-child",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     lines = [line for line in out.stdout.splitlines() if line.startswith("PEAK_RSS ")]
     if out.returncode != 0 or not lines:
@@ -393,27 +465,34 @@ def own_peak_rss() -> int:
 
 # ---------------------------------------------------------------- reporting
 def print_table(rows: dict):
-    header = (f"{'variant':<13} {'ms/loop':>10} {'ms/step':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} "
-              f"{'mem GB':>7} {'vs ref':>7} {'vs comp':>7}  note")
+    header = (
+        f"{'variant':<13} {'ms/loop':>10} {'ms/step':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} "
+        f"{'mem GB':>7} {'vs ref':>7} {'vs comp':>7}  note"
+    )
     print(header)
     print("-" * len(header))
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for name, row in rows.items():
         if row["status"] != "ok":
-            print(f"{name:<13} {'-':>10} {'-':>9} {'-':>10} {'-':>8} {'-':>6} {'-':>7} {'-':>7} {'-':>7}  "
-                  f"{row['status']}: {row.get('reason') or row.get('max_rel_error')}")
+            print(
+                f"{name:<13} {'-':>10} {'-':>9} {'-':>10} {'-':>8} {'-':>6} {'-':>7} {'-':>7} {'-':>7}  "
+                f"{row['status']}: {row.get('reason') or row.get('max_rel_error')}"
+            )
             continue
         mfu = row.get("mfu_vs_datasheet", row.get("mfu_vs_measured_matmul"))
         mem = row["peak_memory_bytes"] / 1e9 if row["peak_memory_bytes"] else None
         speedups = [row.get(f"speedup_vs_{r}") for r in ("reference", "compiled")]
-        print(f"{name:<13} {row['ms_per_loop']:>10.1f} {row['ms_per_step']:>9.2f} {row['tokens_per_s']:>10.0f} "
-              f"{row['model_tflops_per_s']:>8.3f} {fmt(mfu and 100 * mfu, '5.1f'):>5}% {fmt(mem, '7.2f'):>7} "
-              f"{fmt(speedups[0], '.2f') + 'x':>7} {fmt(speedups[1], '.2f') + 'x':>7}".replace("-x", "- "))
+        print(
+            f"{name:<13} {row['ms_per_loop']:>10.1f} {row['ms_per_step']:>9.2f} {row['tokens_per_s']:>10.0f} "
+            f"{row['model_tflops_per_s']:>8.3f} {fmt(mfu and 100 * mfu, '5.1f'):>5}% {fmt(mem, '7.2f'):>7} "
+            f"{fmt(speedups[0], '.2f') + 'x':>7} {fmt(speedups[1], '.2f') + 'x':>7}".replace("-x", "- ")
+        )
 
 
 def write_plot(result: dict, path: Path):
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as err:
@@ -451,32 +530,54 @@ def parse_args(argv=None):
     p.add_argument("--preset", default=None, help="LTMConfig preset (default: ltm-cpu on CPU, ltm-l on CUDA)")
     p.add_argument("--batch", type=int, default=None, help="sequences per inner loop (default 4 CPU / 64 CUDA)")
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 512 CPU / 1024 CUDA)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="inner-loop steps T_fast (default: the preset's on CUDA, 8 on CPU to finish in ~2 min)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="inner-loop steps T_fast (default: the preset's on CUDA, 8 on CPU to finish in ~2 min)",
+    )
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default fp32 on CPU, bf16 on CUDA")
     p.add_argument("--variants", default=None, help=f"comma-separated subset of {VARIANTS}")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per variant (the median is reported)")
-    p.add_argument("--check-steps", type=int, default=2,
-                   help="inner-loop steps of the correctness check against eager (also the warm-up)")
-    p.add_argument("--check-rtol", type=float, default=None,
-                   help="max relative error vs eager for a variant to count as correct (default by dtype)")
-    p.add_argument("--sweep", choices=sorted(SWEEPS), default=None,
-                   help="scan T_fast (steps), latents per layer (latents) or tokens per sequence (seq)")
+    p.add_argument(
+        "--check-steps",
+        type=int,
+        default=2,
+        help="inner-loop steps of the correctness check against eager (also the warm-up)",
+    )
+    p.add_argument(
+        "--check-rtol",
+        type=float,
+        default=None,
+        help="max relative error vs eager for a variant to count as correct (default by dtype)",
+    )
+    p.add_argument(
+        "--sweep",
+        choices=sorted(SWEEPS),
+        default=None,
+        help="scan T_fast (steps), latents per layer (latents) or tokens per sequence (seq)",
+    )
     p.add_argument("--sweep-values", default=None, help="comma-separated values for --sweep")
-    p.add_argument("--train", action="store_true",
-                   help="time training iterations: inner loop + decoder update (Algorithm 1)")
+    p.add_argument(
+        "--train", action="store_true", help="time training iterations: inner loop + decoder update (Algorithm 1)"
+    )
     p.add_argument("--lr", type=float, default=0.34)
     p.add_argument("--schedule", default="cosine")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", action="store_true", help="also write a PNG next to the JSON (needs matplotlib)")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/<name>.json)")
-    p.add_argument("--no-memory", dest="memory", action="store_false",
-                   help="CPU: skip the peak-memory pass (one child process per variant, one loop each)")
+    p.add_argument(
+        "--no-memory",
+        dest="memory",
+        action="store_false",
+        help="CPU: skip the peak-memory pass (one child process per variant, one loop each)",
+    )
     p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.argv = [a for a in (sys.argv[1:] if argv is None else argv)
-                 if a not in ("--memory-child",)]  # for the child processes: the same settings
+    args.argv = [
+        a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--memory-child",)
+    ]  # for the child processes: the same settings
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no CUDA device")
@@ -485,8 +586,11 @@ def parse_args(argv=None):
     args.seq = args.seq or (1024 if cuda else 512)
     args.steps = args.steps if args.steps is not None else (None if cuda else 8)
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
-    args.variants = ([v.strip() for v in args.variants.split(",") if v.strip()] if args.variants
-                     else list(DEFAULT_VARIANTS["cuda" if cuda else "cpu"]))
+    args.variants = (
+        [v.strip() for v in args.variants.split(",") if v.strip()]
+        if args.variants
+        else list(DEFAULT_VARIANTS["cuda" if cuda else "cpu"])
+    )
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {VARIANTS}")
@@ -534,14 +638,21 @@ def main(argv=None, wrong_variant=None) -> dict:
     status = backend_status()
     print(f"inner-loop benchmark on {info['name']} ({device}), torch {info['torch']}, commit {commit}", flush=True)
     matmul = measured_matmul_tflops(device, dtype)
-    peaks = {"datasheet": datasheet_peak_tflops(info["name"]) if device.type == "cuda" else None,
-             "measured_matmul": matmul["best"]}
-    print(f"peak TFLOP/s: datasheet {peaks['datasheet'] or 'n/a'}, measured matmul {matmul['best']:.3f} "
-          f"({args.dtype}; " + ", ".join(f"{k} {v:.3f}" for k, v in matmul.items() if k != "best") + ")",
-          flush=True)
+    peaks = {
+        "datasheet": datasheet_peak_tflops(info["name"]) if device.type == "cuda" else None,
+        "measured_matmul": matmul["best"],
+    }
+    print(
+        f"peak TFLOP/s: datasheet {peaks['datasheet'] or 'n/a'}, measured matmul {matmul['best']:.3f} "
+        f"({args.dtype}; " + ", ".join(f"{k} {v:.3f}" for k, v in matmul.items() if k != "best") + ")",
+        flush=True,
+    )
     if device.type == "cpu" and dtype == torch.bfloat16 and not info["bf16_dot"]:
-        print("note: this CPU has no native bf16 dot product (avx512_bf16 / amx_bf16): bf16 runs convert to "
-              "fp32 for every product and are not expected to beat fp32", flush=True)
+        print(
+            "note: this CPU has no native bf16 dot product (avx512_bf16 / amx_bf16): bf16 runs convert to "
+            "fp32 for every product and are not expected to beat fp32",
+            flush=True,
+        )
 
     runs = []
     for point_cfg, seq, steps in sweep_points(args, cfg):
@@ -551,23 +662,45 @@ def main(argv=None, wrong_variant=None) -> dict:
     if args.train:
         published = PUBLISHED_TRAIN_MS.get((args.preset, args.steps))
         if published:
-            print(f"published per-iteration time ({args.preset}, T {args.steps}, 8 x H100, 64 x 1024 tokens per GPU):"
-                  f" {published} ms")
+            print(
+                f"published per-iteration time ({args.preset}, T {args.steps}, 8 x H100, 64 x 1024 tokens per GPU):"
+                f" {published} ms"
+            )
 
     label = {"steps": "T_fast", "latents": "latents per layer", "seq": "tokens per sequence"}
     field = {"steps": "steps", "latents": "n_z", "seq": "seq"}
-    result = {"benchmark": "inner_loop" + ("_train" if args.train else ""),
-              "date": dt.datetime.now().isoformat(timespec="seconds"), "commit": commit, "device": info,
-              "backends": status, "peak_tflops": peaks, "matmul_tflops": matmul, "preset": args.preset, "dtype": args.dtype,
-              "variants_requested": args.variants, "repeats": args.repeats, "seed": args.seed,
-              "lr": args.lr, "schedule": args.schedule, "weight_decay": args.weight_decay,
-              "sweep": {"name": args.sweep, "field": field[args.sweep], "label": label[args.sweep]}
-              if args.sweep else None,
-              "published_train_ms": PUBLISHED_TRAIN_MS.get((args.preset, args.steps)) if args.train else None,
-              "runs": runs}
-    name = "_".join(filter(None, ["inner_loop", "train" if args.train else None,
-                                  f"sweep-{args.sweep}" if args.sweep else None,
-                                  slug(info["name"]), str(dt.date.today())]))
+    result = {
+        "benchmark": "inner_loop" + ("_train" if args.train else ""),
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "commit": commit,
+        "device": info,
+        "backends": status,
+        "peak_tflops": peaks,
+        "matmul_tflops": matmul,
+        "preset": args.preset,
+        "dtype": args.dtype,
+        "variants_requested": args.variants,
+        "repeats": args.repeats,
+        "seed": args.seed,
+        "lr": args.lr,
+        "schedule": args.schedule,
+        "weight_decay": args.weight_decay,
+        "sweep": {"name": args.sweep, "field": field[args.sweep], "label": label[args.sweep]} if args.sweep else None,
+        "published_train_ms": PUBLISHED_TRAIN_MS.get((args.preset, args.steps)) if args.train else None,
+        "runs": runs,
+    }
+    name = "_".join(
+        filter(
+            None,
+            [
+                "inner_loop",
+                "train" if args.train else None,
+                f"sweep-{args.sweep}" if args.sweep else None,
+                slug(info["name"]),
+                str(dt.date.today()),
+            ],
+        )
+    )
     out = write_result(result, name, args.out or RESULTS_DIR / f"{name}.json")
     if args.plot:
         write_plot(result, out.with_suffix(".png"))

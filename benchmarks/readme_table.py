@@ -5,6 +5,7 @@
 Replaces the text between the README markers `<!-- inner-loop-results:begin -->` and `:end -->` with
 one table per file: the configuration, device, commit, and every variant's timings as the file has them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,16 +25,20 @@ def render(result: dict, source: str) -> str:
     lines = []
     for run in result["runs"]:
         cfg = run["config"]
-        lines += [f"**{result['preset']}**, batch {cfg['batch']} x {cfg['seq']} tokens, T_fast {cfg['steps']}, "
-                  f"{result['dtype']}, on {device['name']} (torch {device['torch']}, triton {device.get('triton')}), "
-                  f"commit `{result['commit'][:12]}`, {result['date'][:10]} — from `{source}`", "",
-                  "| variant | ms / loop | ms / step | tokens/s | model TFLOP/s | MFU (datasheet) | MFU (matmul) "
-                  "| peak mem GB | vs reference | vs compiled |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"**{result['preset']}**, batch {cfg['batch']} x {cfg['seq']} tokens, T_fast {cfg['steps']}, "
+            f"{result['dtype']}, on {device['name']} (torch {device['torch']}, triton {device.get('triton')}), "
+            f"commit `{result['commit'][:12]}`, {result['date'][:10]} — from `{source}`",
+            "",
+            "| variant | ms / loop | ms / step | tokens/s | model TFLOP/s | MFU (datasheet) | MFU (matmul) "
+            "| peak mem GB | vs reference | vs compiled |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for name, row in run["variants"].items():
             if row["status"] != "ok":
-                lines.append(f"| {name} | {row['status']}: {row.get('reason', 'disagrees with eager')} "
-                             "| | | | | | | | |")
+                lines.append(
+                    f"| {name} | {row['status']}: {row.get('reason', 'disagrees with eager')} | | | | | | | | |"
+                )
                 continue
             mem = row["peak_memory_bytes"] / 1e9 if row.get("peak_memory_bytes") else None
             mfu_d, mfu_m = row.get("mfu_vs_datasheet"), row.get("mfu_vs_measured_matmul")
@@ -42,7 +47,8 @@ def render(result: dict, source: str) -> str:
                 f"| {row['model_tflops_per_s']:.3f} | {_fmt(mfu_d and 100 * mfu_d, '.1f', '%')} "
                 f"| {_fmt(mfu_m and 100 * mfu_m, '.1f', '%')} | {_fmt(mem, '.2f')} "
                 f"| {_fmt(row.get('speedup_vs_reference'), '.2f', 'x')} "
-                f"| {_fmt(row.get('speedup_vs_compiled'), '.2f', 'x')} |")
+                f"| {_fmt(row.get('speedup_vs_compiled'), '.2f', 'x')} |"
+            )
         lines.append("")
     return "\n".join(lines)
 

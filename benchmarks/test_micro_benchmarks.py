@@ -14,6 +14,7 @@ each timed call ends with a synchronisation, so the time is the kernels', not th
 A plain `pytest` (testpaths = tests) does not collect this folder; tests/benchmarks runs it once with
 --op-size tiny --benchmark-disable (each once, untimed).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -25,12 +26,20 @@ from ltm_kernels import reference
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 # B batch, N tokens, d width, H heads of hd, W window, M latents per layer, V vocabulary, d_ff SwiGLU width.
-SIZES = {"tiny": dict(B=1, N=32, d=64, H=2, hd=32, W=8, M=4, V=257, d_ff=96, n_z=8),
-         "default-cpu": dict(B=2, N=256, d=256, H=4, hd=64, W=64, M=4, V=50258, d_ff=704, n_z=16),
-         "default-cuda": dict(B=16, N=1024, d=512, H=8, hd=64, W=256, M=8, V=50258, d_ff=1376, n_z=96)}
-IMPLEMENTATIONS = {"rms_norm": ("ref", "triton"), "add_rms_norm": ("ref", "triton"), "swiglu": ("ref", "triton"),
-                   "self_attention": ("ref", "triton", "cpp"), "latent_attention": ("ref", "triton", "cpp"),
-                   "lm_head_nll": ("ref", "chunked", "triton", "cpp"), "posterior_step": ("ref", "triton", "cpp")}
+SIZES = {
+    "tiny": dict(B=1, N=32, d=64, H=2, hd=32, W=8, M=4, V=257, d_ff=96, n_z=8),
+    "default-cpu": dict(B=2, N=256, d=256, H=4, hd=64, W=64, M=4, V=50258, d_ff=704, n_z=16),
+    "default-cuda": dict(B=16, N=1024, d=512, H=8, hd=64, W=256, M=8, V=50258, d_ff=1376, n_z=96),
+}
+IMPLEMENTATIONS = {
+    "rms_norm": ("ref", "triton"),
+    "add_rms_norm": ("ref", "triton"),
+    "swiglu": ("ref", "triton"),
+    "self_attention": ("ref", "triton", "cpp"),
+    "latent_attention": ("ref", "triton", "cpp"),
+    "lm_head_nll": ("ref", "chunked", "triton", "cpp"),
+    "posterior_step": ("ref", "triton", "cpp"),
+}
 CASES = [(op, impl) for op, impls in IMPLEMENTATIONS.items() for impl in impls]
 
 
@@ -43,8 +52,10 @@ def size(request) -> dict:
 def implementation(op: str, impl: str):
     """ltm_kernels' functional, or pytest.skip saying why it cannot run on DEVICE."""
     if impl == "triton" and not (DEVICE.type == "cuda" and ltm_kernels.triton_device_ok(DEVICE)):
-        pytest.skip("the Triton kernels are benchmarked on CUDA only (the interpreter is for tests): "
-                    + ltm_kernels.triton_status()[1])
+        pytest.skip(
+            "the Triton kernels are benchmarked on CUDA only (the interpreter is for tests): "
+            + ltm_kernels.triton_status()[1]
+        )
     if impl == "cpp" and not ltm_kernels.has_op(op, DEVICE.type):
         pytest.skip(f"the extension has no {DEVICE.type} kernel for ltm::{op} ({ltm_kernels.extension_status()[1]})")
     fn = getattr(ltm_kernels, f"{op}_{impl}", None)
@@ -95,6 +106,7 @@ def synchronized(fn):
         out = fn()
         torch.cuda.synchronize(DEVICE)
         return out
+
     return run
 
 
@@ -105,14 +117,17 @@ def test_op(benchmark, size, op, impl, mode):
     args, leaves = op_inputs(op, size, grad=mode != "forward")
     benchmark.group = f"{op} {mode}"
     if mode == "forward":
+
         def run():
             with torch.no_grad():
                 return fn(*args)
     else:
+
         def run():
             out = fn(*args)
             outs = out if isinstance(out, tuple) else (out,)
             return torch.autograd.grad([o.sum() for o in outs], leaves)
+
     result = benchmark(synchronized(run))
     assert all(torch.isfinite(t).all() for t in (result if isinstance(result, tuple) else (result,)))
 

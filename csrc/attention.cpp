@@ -76,12 +76,8 @@ constexpr int64_t kBlockQ = 64;
 
 // ----------------------------------------------------------------------------------------- exp and rows
 
-inline float exp_impl(float x) {
-  return exp_softmax(x);
-}
-inline double exp_impl(double x) {
-  return std::exp(x);
-}
+inline float exp_impl(float x) { return exp_softmax(x); }
+inline double exp_impl(double x) { return std::exp(x); }
 
 // Columns [lo, hi) of row `i` of a query block whose keys start at jb; all of [0, L) without the mask.
 template <bool kCausal>
@@ -208,9 +204,13 @@ struct RowFns {
 // so that the build machine's ISA does not matter (float only; double calls libm and stays on the baseline).
 // flatten: the exp must inline into the loops for them to vectorise.
 template <typename T, bool kCausal>
-[[gnu::flatten]] void softmax_default(T* S, const Block& b, T* m, T* s) { softmax_block<T, kCausal>(S, b, m, s); }
+[[gnu::flatten]] void softmax_default(T* S, const Block& b, T* m, T* s) {
+  softmax_block<T, kCausal>(S, b, m, s);
+}
 template <typename T, bool kCausal>
-[[gnu::flatten]] void probs_default(T* S, const Block& b, const T* l) { probs_block<T, kCausal>(S, b, l); }
+[[gnu::flatten]] void probs_default(T* S, const Block& b, const T* l) {
+  probs_block<T, kCausal>(S, b, l);
+}
 template <typename T, bool kCausal>
 [[gnu::flatten]] void dscores_default(T* S, const T* dP, const Block& b, const T* d) {
   dscores_block<T, kCausal>(S, dP, b, d);
@@ -232,9 +232,13 @@ template <typename T, bool kCausal>
 // prefer-vector-width=512: GCC would otherwise stay on 256-bit vectors.
 #define LTM_AVX512 gnu::target("avx512f,avx512bw,avx512vl,prefer-vector-width=512"), gnu::flatten
 template <typename T, bool kCausal>
-[[LTM_AVX512]] void softmax_avx512(T* S, const Block& b, T* m, T* s) { softmax_block<T, kCausal>(S, b, m, s); }
+[[LTM_AVX512]] void softmax_avx512(T* S, const Block& b, T* m, T* s) {
+  softmax_block<T, kCausal>(S, b, m, s);
+}
 template <typename T, bool kCausal>
-[[LTM_AVX512]] void probs_avx512(T* S, const Block& b, const T* l) { probs_block<T, kCausal>(S, b, l); }
+[[LTM_AVX512]] void probs_avx512(T* S, const Block& b, const T* l) {
+  probs_block<T, kCausal>(S, b, l);
+}
 template <typename T, bool kCausal>
 [[LTM_AVX512]] void dscores_avx512(T* S, const T* dP, const Block& b, const T* d) {
   dscores_block<T, kCausal>(S, dP, b, d);
@@ -307,9 +311,9 @@ void forward_head(const T* Q, const T* K, const T* V, int64_t N, int64_t M, int6
 // of Q and K.
 // delta = rowsum(dO O) (N). S, dP: scratch tiles.
 template <typename T, bool kCausal>
-void backward_head(const T* Q, const T* K, const T* V, const T* dO, const T* lse, const T* delta, int64_t N,
-                   int64_t M, int64_t D, int64_t window, T scale, const RowFns<T, kCausal>& fns, T* dQ, T* dK,
-                   T* dV, T* S, T* dP) {
+void backward_head(const T* Q, const T* K, const T* V, const T* dO, const T* lse, const T* delta, int64_t N, int64_t M,
+                   int64_t D, int64_t window, T scale, const RowFns<T, kCausal>& fns, T* dQ, T* dK, T* dV, T* S,
+                   T* dP) {
   std::fill(dK, dK + M * D, T(0));
   std::fill(dV, dV + M * D, T(0));
   for (int64_t i0 = 0; i0 < N; i0 += kBlockQ) {
@@ -318,15 +322,15 @@ void backward_head(const T* Q, const T* K, const T* V, const T* dO, const T* lse
     block_keys<kCausal>(i0, i1, M, window, jb, je);
     const Block blk{rows, je - jb, i0, jb, window};
     const int64_t L = blk.L;
-    gemm<T>(false, true, rows, L, D, scale, Q + i0 * D, D, K + jb * D, D, T(0), S, L);  // S = s Q K^T
-    fns.probs(S, blk, lse + i0);                                                        // S = P
+    gemm<T>(false, true, rows, L, D, scale, Q + i0 * D, D, K + jb * D, D, T(0), S, L);   // S = s Q K^T
+    fns.probs(S, blk, lse + i0);                                                         // S = P
     gemm<T>(true, false, L, D, rows, T(1), S, L, dO + i0 * D, D, T(1), dV + jb * D, D);  // dV += P^T dO
     gemm<T>(false, true, rows, L, D, T(1), dO + i0 * D, D, V + jb * D, D, T(0), dP, L);  // dP = dO V^T
-    fns.dscores(S, dP, blk, delta + i0);                                                // S = dS
+    fns.dscores(S, dP, blk, delta + i0);                                                 // S = dS
     if (dQ != nullptr) {
       gemm<T>(false, false, rows, D, L, scale, S, L, K + jb * D, D, T(0), dQ + i0 * D, D);  // dQ = s dS K
     }
-    gemm<T>(true, false, L, D, rows, scale, S, L, Q + i0 * D, D, T(1), dK + jb * D, D);   // dK += s dS^T Q
+    gemm<T>(true, false, L, D, rows, scale, S, L, Q + i0 * D, D, T(1), dK + jb * D, D);  // dK += s dS^T Q
   }
 }
 
@@ -452,14 +456,14 @@ Dims check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
   TORCH_CHECK(k.size(0) == dims.B && k.size(1) == dims.H && k.size(3) == dims.D, op,
               ": k must have the batch, heads and head_dim of q ", q.sizes(), ", got shape ", k.sizes());
   if (self) {
-    TORCH_CHECK(dims.M == dims.N, op, ": k must have as many positions as q (", dims.N, "), got shape ",
-                k.sizes());
+    TORCH_CHECK(dims.M == dims.N, op, ": k must have as many positions as q (", dims.N, "), got shape ", k.sizes());
   } else {
     TORCH_CHECK(dims.M >= 1, op, ": k must hold at least one key, got shape ", k.sizes());
   }
   TORCH_CHECK(dims.D > 0 && dims.D % 2 == 0, op, ": head_dim (q.shape[-1]) must be even (RoPE turns pairs), got ",
               dims.D);
-  TORCH_CHECK(dims.N < INT_MAX && dims.M < INT_MAX && dims.D < INT_MAX, op, ": tokens, keys and head_dim must each be < 2^31");
+  TORCH_CHECK(dims.N < INT_MAX && dims.M < INT_MAX && dims.D < INT_MAX, op,
+              ": tokens, keys and head_dim must each be < 2^31");
   const auto dtype = q.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf, op,
               ": q must be float32, float64, bfloat16 or float16, got ", dtype);
@@ -474,14 +478,13 @@ Dims check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
 void check_tables(const char* op, const char* cos_name, const char* sin_name, const at::Tensor& cos,
                   const at::Tensor& sin, int64_t rows, int64_t D, const char* rows_of) {
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{cos, cos_name}, {sin, sin_name}}) {
-    TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == D / 2, op, ": ", name, " must have shape (",
-                rows, ", ", D / 2, ") (", rows_of, ", head_dim / 2), got ", t.sizes());
-    TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be floating point, got ",
-                t.scalar_type());
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == D / 2, op, ": ", name, " must have shape (", rows,
+                ", ", D / 2, ") (", rows_of, ", head_dim / 2), got ", t.sizes());
+    TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be floating point, got ", t.scalar_type());
     TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
   }
-  TORCH_CHECK(sin.scalar_type() == cos.scalar_type(), op, ": ", sin_name, " must have the dtype of ", cos_name,
-              " (", cos.scalar_type(), "), got ", sin.scalar_type());
+  TORCH_CHECK(sin.scalar_type() == cos.scalar_type(), op, ": ", sin_name, " must have the dtype of ", cos_name, " (",
+              cos.scalar_type(), "), got ", sin.scalar_type());
 }
 
 void check_window(const char* op, int64_t window) {
@@ -492,18 +495,17 @@ void check_window(const char* op, int64_t window) {
 void check_backward(const char* op, const at::Tensor& q, const at::Tensor& grad_out, const at::Tensor& out,
                     const at::Tensor& lse) {
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{grad_out, "grad_out"}, {out, "out"}}) {
-    TORCH_CHECK(t.sizes() == q.sizes(), op, ": ", name, " must have the shape of q ", q.sizes(), ", got ",
-                t.sizes());
+    TORCH_CHECK(t.sizes() == q.sizes(), op, ": ", name, " must have the shape of q ", q.sizes(), ", got ", t.sizes());
     TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have the dtype of q (", q.scalar_type(),
                 "), got ", t.scalar_type());
     TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
   }
   const auto lse_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
-              op, ": lse must have shape (batch, heads, tokens) = (", q.size(0), ", ", q.size(1), ", ", q.size(2),
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2), op,
+              ": lse must have shape (batch, heads, tokens) = (", q.size(0), ", ", q.size(1), ", ", q.size(2),
               "), got ", lse.sizes());
-  TORCH_CHECK(lse.scalar_type() == lse_dtype, op, ": lse must be ", lse_dtype, " for q of dtype ",
-              q.scalar_type(), ", got ", lse.scalar_type());
+  TORCH_CHECK(lse.scalar_type() == lse_dtype, op, ": lse must be ", lse_dtype, " for q of dtype ", q.scalar_type(),
+              ", got ", lse.scalar_type());
   TORCH_CHECK(lse.device().is_cpu(), op, ": lse must be a CPU tensor, got ", lse.device());
 }
 
@@ -581,8 +583,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const Dims& dims, c
       load_plain(head_of<scalar_t>(v, b, h), M, D, V);
       load_plain(head_of<scalar_t>(grad_out, b, h), N, D, dO);
       row_dots(head_of<scalar_t>(out, b, h), dO, N, D, delta);  // delta = rowsum(dO * out), out as stored
-      backward_head<T, kCausal>(Q, K, V, dO, lse_p + bh * N, delta, N, M, D, window, scale, fns,
-                                q_grad ? dQ : nullptr, dK, dV, S, dP);
+      backward_head<T, kCausal>(Q, K, V, dO, lse_p + bh * N, delta, N, M, D, window, scale, fns, q_grad ? dQ : nullptr,
+                                dK, dV, S, dP);
       if (q_grad) {
         store_unrotated(dQ, N, D, cq, sq, head_of<scalar_t>(dq, b, h));
       }
@@ -593,13 +595,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const Dims& dims, c
   return {dq, dk, dv};
 }
 
-at::ScalarType compute_dtype(const at::Tensor& q) {
-  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+at::ScalarType compute_dtype(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
-std::tuple<at::Tensor, at::Tensor> self_attention_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                      const at::Tensor& v, const at::Tensor& cos,
-                                                      const at::Tensor& sin, int64_t window) {
+std::tuple<at::Tensor, at::Tensor> self_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const at::Tensor& cos, const at::Tensor& sin, int64_t window) {
   const Dims dims = check_qkv(kSelf, q, k, v, true);
   check_tables(kSelf, "cos", "sin", cos, sin, dims.N, dims.D, "tokens");
   check_window(kSelf, window);
@@ -607,15 +606,16 @@ std::tuple<at::Tensor, at::Tensor> self_attention_cpu(const at::Tensor& q, const
   const Tables tab{c, s, c, s};
   const int64_t w = std::min(window, std::max<int64_t>(dims.N, 1));  // a window beyond N is plain causal
   std::tuple<at::Tensor, at::Tensor> result;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "self_attention_cpu", [&] {
-    result = forward_impl<scalar_t, true>(dims, q, k, v, tab, w);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "self_attention_cpu",
+                                  [&] { result = forward_impl<scalar_t, true>(dims, q, k, v, tab, w); });
   return result;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
-    const at::Tensor& sin, const at::Tensor& out, const at::Tensor& lse, int64_t window) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_backward_cpu(const at::Tensor& grad_out,
+                                                                           const at::Tensor& q, const at::Tensor& k,
+                                                                           const at::Tensor& v, const at::Tensor& cos,
+                                                                           const at::Tensor& sin, const at::Tensor& out,
+                                                                           const at::Tensor& lse, int64_t window) {
   const char* op = "self_attention_backward";
   const Dims dims = check_qkv(op, q, k, v, true);
   check_tables(op, "cos", "sin", cos, sin, dims.N, dims.D, "tokens");
@@ -631,25 +631,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_backward_cpu(
   return result;
 }
 
-std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                        const at::Tensor& v, const at::Tensor& cos_q,
-                                                        const at::Tensor& sin_q, const at::Tensor& cos_k,
-                                                        const at::Tensor& sin_k) {
+std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                        const at::Tensor& cos_q, const at::Tensor& sin_q,
+                                                        const at::Tensor& cos_k, const at::Tensor& sin_k) {
   const Dims dims = check_qkv(kLatent, q, k, v, false);
   check_tables(kLatent, "cos_q", "sin_q", cos_q, sin_q, dims.N, dims.D, "tokens");
   check_tables(kLatent, "cos_k", "sin_k", cos_k, sin_k, dims.M, dims.D, "keys");
   const Tables tab = convert_tables(cos_q, sin_q, cos_k, sin_k, compute_dtype(q));
   std::tuple<at::Tensor, at::Tensor> result;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "latent_attention_cpu", [&] {
-    result = forward_impl<scalar_t, false>(dims, q, k, v, tab, 0);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "latent_attention_cpu",
+                                  [&] { result = forward_impl<scalar_t, false>(dims, q, k, v, tab, 0); });
   return result;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> latent_attention_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& cos_q, const at::Tensor& sin_q, const at::Tensor& cos_k, const at::Tensor& sin_k,
-    const at::Tensor& out, const at::Tensor& lse, bool q_grad) {
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos_q,
+    const at::Tensor& sin_q, const at::Tensor& cos_k, const at::Tensor& sin_k, const at::Tensor& out,
+    const at::Tensor& lse, bool q_grad) {
   const char* op = "latent_attention_backward";
   const Dims dims = check_qkv(op, q, k, v, false);
   check_tables(op, "cos_q", "sin_q", cos_q, sin_q, dims.N, dims.D, "tokens");

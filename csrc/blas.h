@@ -13,22 +13,21 @@
 // as pointers to int64 values below 2^31: on a little-endian machine an LP64 BLAS (32-bit integers, torch's
 // MKL and OpenBLAS) reads their low half, which is the value, and an ILP64 one reads all of it.
 extern "C" {
-__attribute__((weak)) void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
-                                  const int* k, const float* alpha, const float* a, const int* lda, const float* b,
-                                  const int* ldb, const float* beta, float* c, const int* ldc);
-__attribute__((weak)) void dgemm_(const char* transa, const char* transb, const int* m, const int* n,
-                                  const int* k, const double* alpha, const double* a, const int* lda,
-                                  const double* b, const int* ldb, const double* beta, double* c, const int* ldc);
+__attribute__((weak)) void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                                  const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                                  const float* beta, float* c, const int* ldc);
+__attribute__((weak)) void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                                  const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+                                  const double* beta, double* c, const int* ldc);
 }
 
 namespace ltm {
 
-
 // Row-major C (m x n, leading dimension ldc) = alpha op(A) op(B) + beta C, op(A) m x k, op(B) k x n; A is
 // stored row-major as m x k, or as k x m when trans_a (likewise B). beta == 0 ignores C's contents.
 template <typename T>
-void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
-          const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+          int64_t ldb, T beta, T* c, int64_t ldc) {
   if (m == 0 || n == 0) {
     return;
   }

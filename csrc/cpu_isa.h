@@ -20,8 +20,7 @@ inline Isa cpu_isa() {
 #else
     __builtin_cpu_init();
     Isa hw = Isa::kDefault;
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl")) {
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
       hw = Isa::kAvx512;
     } else if (__builtin_cpu_supports("avx2")) {
       hw = Isa::kAvx2;

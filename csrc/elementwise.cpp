@@ -27,12 +27,8 @@
 namespace ltm {
 namespace {
 
-inline float exp_impl(float x) {
-  return exp_vectorisable(x);
-}
-inline double exp_impl(double x) {
-  return std::exp(x);
-}
+inline float exp_impl(float x) { return exp_vectorisable(x); }
+inline double exp_impl(double x) { return std::exp(x); }
 
 template <typename A>
 inline A sigmoid(A g) {
@@ -161,7 +157,9 @@ struct Fns {
 
 // flatten: the exp must inline into the loops for them to vectorise.
 template <typename T>
-[[gnu::flatten]] void rms_default(const RmsArgs<T>& a, int64_t r0, int64_t r1) { rms_norm_rows<T>(a, r0, r1); }
+[[gnu::flatten]] void rms_default(const RmsArgs<T>& a, int64_t r0, int64_t r1) {
+  rms_norm_rows<T>(a, r0, r1);
+}
 template <typename T>
 [[gnu::flatten]] void rms_back_default(const RmsBackArgs<T>& a, int64_t r0, int64_t r1, int64_t task) {
   rms_norm_backward_rows<T>(a, r0, r1, task);
@@ -180,15 +178,15 @@ template <typename T>
   rms_norm_rows<float>(a, r0, r1);
 }
 [[gnu::target("avx2"), gnu::flatten]] void rms_back_avx2(const RmsBackArgs<float>& a, int64_t r0, int64_t r1,
-                                                          int64_t task) {
+                                                         int64_t task) {
   rms_norm_backward_rows<float>(a, r0, r1, task);
 }
 [[gnu::target("avx2"), gnu::flatten]] void swiglu_avx2(const float* g, const float* u, float* o, int64_t lo,
-                                                        int64_t hi) {
+                                                       int64_t hi) {
   swiglu_range<float>(g, u, o, lo, hi);
 }
-[[gnu::target("avx2"), gnu::flatten]] void swiglu_back_avx2(const float* go, const float* g, const float* u,
-                                                             float* dg, float* du, int64_t lo, int64_t hi) {
+[[gnu::target("avx2"), gnu::flatten]] void swiglu_back_avx2(const float* go, const float* g, const float* u, float* dg,
+                                                            float* du, int64_t lo, int64_t hi) {
   swiglu_backward_range<float>(go, g, u, dg, du, lo, hi);
 }
 // prefer-vector-width=512: GCC would otherwise stay on 256-bit vectors.
@@ -246,8 +244,8 @@ void check_like(const at::Tensor& t, const at::Tensor& ref, const char* op, cons
 void check_norm(const at::Tensor& x, const at::Tensor& weight, const char* op) {
   check_float(x, op, "x");
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) >= 1, op, ": x must have a last dimension of size >= 1, got ", x.sizes());
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), op, ": weight must be (", x.size(-1),
-              ",), got ", weight.sizes());
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), op, ": weight must be (", x.size(-1), ",), got ",
+              weight.sizes());
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight (", weight.scalar_type(),
               ") must have the dtype of x (", x.scalar_type(), ")");
   TORCH_CHECK(weight.device().is_cpu(), op, ": the C++ kernel takes CPU tensors, got weight on ", weight.device());
@@ -270,10 +268,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x,
   const auto compute = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(compute));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
-    const RmsArgs<scalar_t> a{xc.data_ptr<scalar_t>(), add ? rc.data_ptr<scalar_t>() : nullptr,
-                              wc.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                              add ? h.data_ptr<scalar_t>() : nullptr, rstd.data_ptr<at::opmath_type<scalar_t>>(),
-                              d, eps};
+    const RmsArgs<scalar_t> a{xc.data_ptr<scalar_t>(),
+                              add ? rc.data_ptr<scalar_t>() : nullptr,
+                              wc.data_ptr<scalar_t>(),
+                              y.data_ptr<scalar_t>(),
+                              add ? h.data_ptr<scalar_t>() : nullptr,
+                              rstd.data_ptr<at::opmath_type<scalar_t>>(),
+                              d,
+                              eps};
     const auto fns = select_fns<scalar_t>();
     at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / d),
                      [&](int64_t r0, int64_t r1) { fns.rms(a, r0, r1); });
@@ -282,9 +284,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x,
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_y,
-                                                         const std::optional<at::Tensor>& grad_h,
-                                                         const at::Tensor& h, const at::Tensor& weight,
-                                                         const at::Tensor& rstd, bool weight_grad) {
+                                                         const std::optional<at::Tensor>& grad_h, const at::Tensor& h,
+                                                         const at::Tensor& weight, const at::Tensor& rstd,
+                                                         bool weight_grad) {
   check_norm(h, weight, "rms_norm_backward");
   check_like(grad_y, h, "rms_norm_backward", "grad_y", "h");
   const bool extra = grad_h.has_value() && grad_h->defined();
@@ -308,9 +310,14 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_
     if (weight_grad) {
       partial = at::zeros({std::max<int64_t>(tasks, 1), d}, h.options().dtype(c10::CppTypeToScalarType<A>::value));
     }
-    const RmsBackArgs<scalar_t> a{dyc.data_ptr<scalar_t>(), extra ? ec.data_ptr<scalar_t>() : nullptr,
-                                  hc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(), rc.data_ptr<A>(),
-                                  dh.data_ptr<scalar_t>(), weight_grad ? partial.data_ptr<A>() : nullptr, d};
+    const RmsBackArgs<scalar_t> a{dyc.data_ptr<scalar_t>(),
+                                  extra ? ec.data_ptr<scalar_t>() : nullptr,
+                                  hc.data_ptr<scalar_t>(),
+                                  wc.data_ptr<scalar_t>(),
+                                  rc.data_ptr<A>(),
+                                  dh.data_ptr<scalar_t>(),
+                                  weight_grad ? partial.data_ptr<A>() : nullptr,
+                                  d};
     const auto fns = select_fns<scalar_t>();
     at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {

@@ -95,8 +95,8 @@ Plan choose_plan(int64_t rows, int64_t d) {
   }
   // d = 256 gives 252 rows (a multiple of the 12-row tile); for larger d, keep the weight block near 256 KB.
   const int64_t target_rows = (64 * 1024) / std::max<int64_t>(d, 1);
-  const int64_t vocab_block = avx512 ? std::clamp<int64_t>(target_rows / 12 * 12, 12, 252)
-                                     : std::clamp<int64_t>(target_rows, 16, 256);
+  const int64_t vocab_block =
+      avx512 ? std::clamp<int64_t>(target_rows / 12 * 12, 12, 252) : std::clamp<int64_t>(target_rows, 16, 256);
   return {avx512 ? Engine::kAvx512 : Engine::kBlas, per_task, vocab_block};
 }
 
@@ -109,8 +109,8 @@ constexpr int kTileRows = 12;  // 12 x 2 accumulators + 2 B vectors + 1 broadcas
 // C[i][0:32] (+)= sum_k A(i, k) B[k][0:32] for i < MR, with A(i, k) = a[i * a_i + k * a_k]. `col_scale` null:
 // C = acc; else C = C * col_scale + acc (the online softmax's rescale of a^T, fused into the store).
 template <int MR>
-LTM_AVX512 inline void tile(int64_t K, const float* a, int64_t a_i, int64_t a_k, const float* b, int64_t ldb,
-                            float* c, int64_t ldc, const float* col_scale) {
+LTM_AVX512 inline void tile(int64_t K, const float* a, int64_t a_i, int64_t a_k, const float* b, int64_t ldb, float* c,
+                            int64_t ldc, const float* col_scale) {
   __m512 acc0[MR], acc1[MR];
 #pragma GCC unroll 12
   for (int i = 0; i < MR; ++i) {
@@ -145,8 +145,8 @@ LTM_AVX512 inline void tile(int64_t K, const float* a, int64_t a_i, int64_t a_k,
 }
 
 template <int MR>
-LTM_AVX512 void tile_rows(int64_t K, const float* a, int64_t a_i, int64_t a_k, const float* b, int64_t ldb,
-                          float* c, int64_t ldc, const float* col_scale, int mr) {
+LTM_AVX512 void tile_rows(int64_t K, const float* a, int64_t a_i, int64_t a_k, const float* b, int64_t ldb, float* c,
+                          int64_t ldc, const float* col_scale, int mr) {
   if constexpr (MR > 0) {
     if (mr == MR) {
       tile<MR>(K, a, a_i, a_k, b, ldb, c, ldc, col_scale);
@@ -158,8 +158,8 @@ LTM_AVX512 void tile_rows(int64_t K, const float* a, int64_t a_i, int64_t a_k, c
 
 // C (m x n, n a multiple of 32) (+)= A (m x K, element (i, k) at a[i * a_i + k * a_k]) B (K x n, row-major).
 // The 32-column panel of B (K x 32) stays in L1 while the tiles walk down A.
-LTM_AVX512 void gemm_panels(int64_t m, int64_t n, int64_t K, const float* a, int64_t a_i, int64_t a_k,
-                            const float* b, int64_t ldb, float* c, int64_t ldc, const float* col_scale) {
+LTM_AVX512 void gemm_panels(int64_t m, int64_t n, int64_t K, const float* a, int64_t a_i, int64_t a_k, const float* b,
+                            int64_t ldb, float* c, int64_t ldc, const float* col_scale) {
   for (int64_t j = 0; j < n; j += 32) {
     const float* cs = col_scale == nullptr ? nullptr : col_scale + j;
     int64_t i = 0;
@@ -167,8 +167,7 @@ LTM_AVX512 void gemm_panels(int64_t m, int64_t n, int64_t K, const float* a, int
       tile<kTileRows>(K, a + i * a_i, a_i, a_k, b + j, ldb, c + i * ldc + j, ldc, cs);
     }
     if (i < m) {
-      tile_rows<kTileRows - 1>(K, a + i * a_i, a_i, a_k, b + j, ldb, c + i * ldc + j, ldc, cs,
-                               static_cast<int>(m - i));
+      tile_rows<kTileRows - 1>(K, a + i * a_i, a_i, a_k, b + j, ldb, c + i * ldc + j, ldc, cs, static_cast<int>(m - i));
     }
   }
 }
@@ -180,8 +179,8 @@ LTM_AVX512 inline __m512 exp_softmax16(__m512 x) {
   const __m512 kRound = _mm512_set1_ps(12582912.0f);
   const __m512 t = _mm512_fmadd_ps(xc, _mm512_set1_ps(1.44269504088896341f), kRound);
   const __m512 n = _mm512_sub_ps(t, kRound);
-  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f),
-                                    _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc));
+  const __m512 r =
+      _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc));
   __m512 p = _mm512_set1_ps(1.9875691500e-4f);
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
@@ -200,13 +199,13 @@ LTM_AVX512 inline __m512 exp_softmax16(__m512 x) {
 }
 
 // One task: rows [r0, r0 + rows) of the flattened (M, d) hidden. Writes lse and the row NLL, and dh when wanted.
-LTM_AVX512 void task_avx512(const float* H, const float* W, const int64_t* tgt, int64_t rows, int64_t d,
-                            int64_t V, int64_t vb, bool want_dh, float* lse, float* row_nll, float* dh) {
-  const int64_t rp = (rows + 31) / 32 * 32;  // padded rows: the tile is 32 wide; pad rows hold zeros
-  float* ht = scratch<float, 0>(d * rp);      // H^T (d x rp)
-  float* lt = scratch<float, 1>(vb * rp);     // l^T then P^T of one vocabulary block (vb x rp)
+LTM_AVX512 void task_avx512(const float* H, const float* W, const int64_t* tgt, int64_t rows, int64_t d, int64_t V,
+                            int64_t vb, bool want_dh, float* lse, float* row_nll, float* dh) {
+  const int64_t rp = (rows + 31) / 32 * 32;             // padded rows: the tile is 32 wide; pad rows hold zeros
+  float* ht = scratch<float, 0>(d * rp);                // H^T (d x rp)
+  float* lt = scratch<float, 1>(vb * rp);               // l^T then P^T of one vocabulary block (vb x rp)
   float* at = scratch<float, 2>(want_dh ? d * rp : 1);  // a^T (d x rp)
-  float* stat = scratch<float, 3>(4 * rp);    // m, s, rescale, target logit
+  float* stat = scratch<float, 3>(4 * rp);              // m, s, rescale, target logit
   float *m = stat, *s = stat + rp, *scale = stat + 2 * rp, *tl = stat + 3 * rp;
   for (int64_t k = 0; k < d; ++k) {
     float* row = ht + k * rp;
@@ -276,16 +275,12 @@ LTM_AVX512 void task_avx512(const float* H, const float* W, const int64_t* tgt, 
 
 // ------------------------------------------------------------------------------------------- blas engine
 
-inline float exp_impl(float x) {
-  return exp_softmax(x);
-}
-inline double exp_impl(double x) {
-  return std::exp(x);
-}
+inline float exp_impl(float x) { return exp_softmax(x); }
+inline double exp_impl(double x) { return std::exp(x); }
 
 template <typename T>
-void task_blas(const T* H, const T* W, const int64_t* tgt, int64_t rows, int64_t d, int64_t V, int64_t vb,
-               bool want_dh, T* lse, T* row_nll, T* dh) {
+void task_blas(const T* H, const T* W, const int64_t* tgt, int64_t rows, int64_t d, int64_t V, int64_t vb, bool want_dh,
+               T* lse, T* row_nll, T* dh) {
   T* l = scratch<T, 4>(rows * vb);
   T* a = want_dh ? dh : nullptr;  // a accumulates in dh's rows directly
   T* stat = scratch<T, 5>(3 * rows);
@@ -367,9 +362,7 @@ void run_task(const Plan& plan, const T* H, const T* W, const int64_t* tgt, int6
 
 // ----------------------------------------------------------------------------------------------- checks
 
-at::ScalarType compute_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
+at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets) {
   TORCH_CHECK(hidden.dim() == 3, "lm_head_nll: hidden must be (B, N, d), got ", hidden.dim(), " dimensions");
@@ -382,14 +375,12 @@ void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::
   const auto dt = hidden.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
               "lm_head_nll: hidden must be float32, float64, bfloat16 or float16, got ", dt);
-  TORCH_CHECK(targets.scalar_type() == at::kLong, "lm_head_nll: targets must be int64, got ",
-              targets.scalar_type());
+  TORCH_CHECK(targets.scalar_type() == at::kLong, "lm_head_nll: targets must be int64, got ", targets.scalar_type());
   TORCH_CHECK(targets.dim() == 2 && targets.size(0) == hidden.size(0) && targets.size(1) == hidden.size(1),
               "lm_head_nll: targets must be (B, N) = (", hidden.size(0), ", ", hidden.size(1), "), got ",
               targets.sizes());
   for (const auto* t : {&hidden, &weight, &targets}) {
-    TORCH_CHECK(t->device().is_cpu(), "lm_head_nll: the C++ kernel takes CPU tensors, got one on ",
-                t->device());
+    TORCH_CHECK(t->device().is_cpu(), "lm_head_nll: the C++ kernel takes CPU tensors, got one on ", t->device());
   }
   if (targets.numel() > 0) {
     const int64_t lo = targets.min().item<int64_t>(), hi = targets.max().item<int64_t>();
@@ -438,8 +429,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lm_head_nll_cpu(const at::Tensor&
 
 // dW = sum over rows of g_b (softmax(l) - onehot(target))^T h, from the saved lse; one task per vocab block.
 template <typename T>
-void weight_gradient(const T* H, const T* W, const int64_t* tgt, const T* lse, const T* grad, int64_t N,
-                     int64_t M, int64_t d, int64_t V, T* dW) {
+void weight_gradient(const T* H, const T* W, const int64_t* tgt, const T* lse, const T* grad, int64_t N, int64_t M,
+                     int64_t d, int64_t V, T* dW) {
   constexpr int64_t kVocab = 256, kRows = 256;
   const int64_t tasks = (V + kVocab - 1) / kVocab;
   at::parallel_for(0, tasks, 1, [&](int64_t lo, int64_t hi) {
@@ -478,10 +469,10 @@ std::tuple<at::Tensor, at::Tensor> lm_head_nll_backward_cpu(const at::Tensor& gr
   check_inputs(hidden, weight, targets);
   const auto ct = compute_type(hidden.scalar_type());
   const int64_t B = hidden.size(0), N = hidden.size(1), d = hidden.size(2), V = weight.size(0), M = B * N;
-  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == B, "lm_head_nll_backward: grad must be (B,) = (", B,
-              "), got ", grad.sizes());
-  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == M, "lm_head_nll_backward: lse must be (B * N,) = (", M,
-              "), got ", lse.sizes());
+  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == B, "lm_head_nll_backward: grad must be (B,) = (", B, "), got ",
+              grad.sizes());
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == M, "lm_head_nll_backward: lse must be (B * N,) = (", M, "), got ",
+              lse.sizes());
   const at::Tensor g = grad.to(ct).contiguous();
   at::Tensor grad_hidden = at::empty({0}, hidden.options());
   at::Tensor grad_weight = at::empty({0}, weight.options());
@@ -500,8 +491,7 @@ std::tuple<at::Tensor, at::Tensor> lm_head_nll_backward_cpu(const at::Tensor& gr
     } else {
       AT_DISPATCH_FLOATING_TYPES(ct, "lm_head_nll_backward", [&] {
         weight_gradient<scalar_t>(H.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), tgt.data_ptr<int64_t>(),
-                                  l.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), N, M, d, V,
-                                  dW.data_ptr<scalar_t>());
+                                  l.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), N, M, d, V, dW.data_ptr<scalar_t>());
       });
     }
     grad_weight = dW.to(weight.scalar_type());

@@ -53,8 +53,7 @@ constexpr int64_t kGrainSize = 2048;
 
 constexpr int kNumMutable = 7;
 constexpr std::array<const char*, 9> kNames = {
-    "mu", "logvar", "exp_avg_mu", "exp_avg_sq_mu", "exp_avg_logvar", "exp_avg_sq_logvar", "z",
-    "grad_z", "noise"};
+    "mu", "logvar", "exp_avg_mu", "exp_avg_sq_mu", "exp_avg_logvar", "exp_avg_sq_logvar", "z", "grad_z", "noise"};
 
 }  // namespace
 
@@ -65,12 +64,12 @@ void check_posterior_step_inputs(const std::array<const at::Tensor*, 9>& ts,
   const at::Tensor& mu = *ts[0];
   for (size_t i = 1; i < ts.size(); ++i) {
     const at::Tensor& t = *ts[i];
-    TORCH_CHECK(t.sizes() == mu.sizes(), "posterior_step: ", kNames[i], " must have the shape of mu ",
-                mu.sizes(), ", got ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == mu.scalar_type(), "posterior_step: ", kNames[i],
-                " must have the dtype of mu (", mu.scalar_type(), "), got ", t.scalar_type());
-    TORCH_CHECK(t.device() == mu.device(), "posterior_step: ", kNames[i],
-                " must be on the device of mu (", mu.device(), "), got ", t.device());
+    TORCH_CHECK(t.sizes() == mu.sizes(), "posterior_step: ", kNames[i], " must have the shape of mu ", mu.sizes(),
+                ", got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == mu.scalar_type(), "posterior_step: ", kNames[i], " must have the dtype of mu (",
+                mu.scalar_type(), "), got ", t.scalar_type());
+    TORCH_CHECK(t.device() == mu.device(), "posterior_step: ", kNames[i], " must be on the device of mu (", mu.device(),
+                "), got ", t.device());
   }
   const auto dtype = mu.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
@@ -81,16 +80,16 @@ void check_posterior_step_inputs(const std::array<const at::Tensor*, 9>& ts,
   // Updated in place element by element: two outputs sharing memory would silently mix their values.
   for (int i = 0; i < kNumMutable; ++i) {
     for (int j = i + 1; j < kNumMutable; ++j) {
-      TORCH_CHECK(at::get_overlap_status(*ts[i], *ts[j]) == at::MemOverlapStatus::No, "posterior_step: ",
-                  kNames[i], " and ", kNames[j], " must not share memory");
+      TORCH_CHECK(at::get_overlap_status(*ts[i], *ts[j]) == at::MemOverlapStatus::No, "posterior_step: ", kNames[i],
+                  " and ", kNames[j], " must not share memory");
     }
   }
   // The kernels read a block of elements before they write them: an input may be the very memory of an
   // updated tensor (each element is read before it is written, as in the reference), but not a shifted view.
   for (int k = 0; k < 2; ++k) {
     for (int i = 0; i < kNumMutable; ++i) {
-      TORCH_CHECK(at::get_overlap_status(*inputs[k], *ts[i]) != at::MemOverlapStatus::Partial, "posterior_step: ",
-                  kNames[7 + k], " must not partially overlap ", kNames[i]);
+      TORCH_CHECK(at::get_overlap_status(*inputs[k], *ts[i]) != at::MemOverlapStatus::Partial,
+                  "posterior_step: ", kNames[7 + k], " must not partially overlap ", kNames[i]);
     }
   }
   TORCH_CHECK(step.scalar_type() == at::kLong && step.numel() == 1,
@@ -115,9 +114,7 @@ void check_posterior_step_inputs(const std::array<const at::Tensor*, 9>& ts,
 
 namespace {
 
-inline float exp_impl(float x) {
-  return exp_vectorisable(x);
-}
+inline float exp_impl(float x) { return exp_vectorisable(x); }
 inline double exp_impl(double x) {
   return std::exp(x);  // float64 stays on libm (and scalar): its tests ask for ~1e-12 relative
 }
@@ -182,10 +179,8 @@ inline void posterior_step_loop(const Pointers<typename Io<scalar_t>::raw_t>& pt
     const opmath_t g_mu = g + mu;
     const opmath_t g_lv = half * g * e * sigma + half * (sigma * sigma - one);
 
-    const auto mu_upd =
-        adamw_update<kLerpFromM, opmath_t>(adamw, mu, g_mu, io::load(m_mu_p[i]), io::load(v_mu_p[i]));
-    const auto lv_upd =
-        adamw_update<kLerpFromM, opmath_t>(adamw, lv, g_lv, io::load(m_lv_p[i]), io::load(v_lv_p[i]));
+    const auto mu_upd = adamw_update<kLerpFromM, opmath_t>(adamw, mu, g_mu, io::load(m_mu_p[i]), io::load(v_mu_p[i]));
+    const auto lv_upd = adamw_update<kLerpFromM, opmath_t>(adamw, lv, g_lv, io::load(m_lv_p[i]), io::load(v_lv_p[i]));
     const raw_t mu_new = io::store(mu_upd.p);
     const raw_t lv_new = io::store(lv_upd.p);
     mu_p[i] = mu_new;
@@ -212,9 +207,9 @@ template <typename scalar_t, bool kLerpFromM>
 
 #if defined(__x86_64__)  // the wider copies and the CPU probe are x86-64 only; elsewhere the baseline loop
 template <typename scalar_t, bool kLerpFromM>
-[[gnu::target("avx2"), gnu::flatten]] void posterior_step_loop_avx2(
-    const Pointers<typename Io<scalar_t>::raw_t>& ptr, int64_t begin, int64_t end,
-    const AdamW<at::opmath_type<scalar_t>>& adamw) {
+[[gnu::target("avx2"), gnu::flatten]] void posterior_step_loop_avx2(const Pointers<typename Io<scalar_t>::raw_t>& ptr,
+                                                                    int64_t begin, int64_t end,
+                                                                    const AdamW<at::opmath_type<scalar_t>>& adamw) {
   posterior_step_loop<scalar_t, kLerpFromM>(ptr, begin, end, adamw);
 }
 
@@ -239,8 +234,7 @@ LoopFn<scalar_t> select_loop(bool lerp_from_m) {
   if constexpr (!std::is_same_v<at::opmath_type<scalar_t>, double>) {
     switch (cpu_isa()) {
       case Isa::kAvx512:
-        return lerp_from_m ? posterior_step_loop_avx512<scalar_t, true>
-                           : posterior_step_loop_avx512<scalar_t, false>;
+        return lerp_from_m ? posterior_step_loop_avx512<scalar_t, true> : posterior_step_loop_avx512<scalar_t, false>;
       case Isa::kAvx2:
         return lerp_from_m ? posterior_step_loop_avx2<scalar_t, true> : posterior_step_loop_avx2<scalar_t, false>;
       case Isa::kDefault:
@@ -252,26 +246,20 @@ LoopFn<scalar_t> select_loop(bool lerp_from_m) {
 }
 
 template <typename scalar_t>
-void posterior_step_impl(const std::array<const at::Tensor*, 9>& ts, const at::Tensor& grad_z,
-                         const at::Tensor& noise, double lr, int64_t step, double beta1, double beta2,
-                         double eps, double weight_decay) {
+void posterior_step_impl(const std::array<const at::Tensor*, 9>& ts, const at::Tensor& grad_z, const at::Tensor& noise,
+                         double lr, int64_t step, double beta1, double beta2, double eps, double weight_decay) {
   // `lr` is this update's scheduled rate and `step` its 1-based count (posterior_step_cpu reads the counter).
   // bf16 / fp16 / fp32 compute in float, fp64 in double; loads and stores stay in the tensor's dtype.
   using opmath_t = at::opmath_type<scalar_t>;
   using raw_t = typename Io<scalar_t>::raw_t;
   static_assert(sizeof(raw_t) == sizeof(scalar_t));
   const AdamW<opmath_t> adamw(lr, step, beta1, beta2, eps, weight_decay);
-  const auto data = [](const at::Tensor* t) {
-    return reinterpret_cast<raw_t*>(t->mutable_data_ptr<scalar_t>());
-  };
-  const auto cdata = [](const at::Tensor& t) {
-    return reinterpret_cast<const raw_t*>(t.const_data_ptr<scalar_t>());
-  };
-  const Pointers<raw_t> ptr = {data(ts[0]), data(ts[1]), data(ts[2]), data(ts[3]), data(ts[4]),
+  const auto data = [](const at::Tensor* t) { return reinterpret_cast<raw_t*>(t->mutable_data_ptr<scalar_t>()); };
+  const auto cdata = [](const at::Tensor& t) { return reinterpret_cast<const raw_t*>(t.const_data_ptr<scalar_t>()); };
+  const Pointers<raw_t> ptr = {data(ts[0]), data(ts[1]), data(ts[2]),   data(ts[3]), data(ts[4]),
                                data(ts[5]), data(ts[6]), cdata(grad_z), cdata(noise)};
   const LoopFn<scalar_t> loop = select_loop<scalar_t>(adamw.lerp_from_m());
-  at::parallel_for(0, ts[0]->numel(), kGrainSize,
-                   [&](int64_t begin, int64_t end) { loop(ptr, begin, end, adamw); });
+  at::parallel_for(0, ts[0]->numel(), kGrainSize, [&](int64_t begin, int64_t end) { loop(ptr, begin, end, adamw); });
 }
 
 void posterior_step_cpu(at::Tensor& mu, at::Tensor& logvar, at::Tensor& exp_avg_mu, at::Tensor& exp_avg_sq_mu,
@@ -279,8 +267,8 @@ void posterior_step_cpu(at::Tensor& mu, at::Tensor& logvar, at::Tensor& exp_avg_
                         const at::Tensor& grad_z, const at::Tensor& noise, at::Tensor& step, double lr,
                         int64_t total_steps, int64_t schedule, double beta1, double beta2, double eps,
                         double weight_decay) {
-  const std::array<const at::Tensor*, 9> ts = {&mu, &logvar, &exp_avg_mu, &exp_avg_sq_mu, &exp_avg_logvar,
-                                               &exp_avg_sq_logvar, &z, &grad_z, &noise};
+  const std::array<const at::Tensor*, 9> ts = {
+      &mu, &logvar, &exp_avg_mu, &exp_avg_sq_mu, &exp_avg_logvar, &exp_avg_sq_logvar, &z, &grad_z, &noise};
   // Read-only inputs may be strided views (e.g. a transposed gradient); the kernel indexes them flat.
   const at::Tensor g = grad_z.contiguous();
   const at::Tensor e = noise.contiguous();
@@ -298,8 +286,6 @@ void posterior_step_cpu(at::Tensor& mu, at::Tensor& logvar, at::Tensor& exp_avg_
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ltm, CPU, m) {
-  m.impl("posterior_step", &posterior_step_cpu);
-}
+TORCH_LIBRARY_IMPL(ltm, CPU, m) { m.impl("posterior_step", &posterior_step_cpu); }
 
 }  // namespace ltm

@@ -59,8 +59,8 @@ struct AdamWResult {
 // One AdamW update of parameter p with gradient g and moments (m, v). By value, so that it inlines into
 // the SIMD loop as plain arithmetic.
 template <bool kLerpFromM, typename opmath_t>
-C10_HOST_DEVICE inline AdamWResult<opmath_t> adamw_update(const AdamW<opmath_t>& a, opmath_t p, opmath_t g,
-                                                          opmath_t m, opmath_t v) {
+C10_HOST_DEVICE inline AdamWResult<opmath_t> adamw_update(const AdamW<opmath_t>& a, opmath_t p, opmath_t g, opmath_t m,
+                                                          opmath_t v) {
   p = p * a.decay;
   m = kLerpFromM ? m + a.lerp_w * (g - m) : g - (g - m) * a.one_minus_lerp_w;
   v = v * a.beta2 + a.one_minus_beta2 * g * g;

@@ -21,16 +21,18 @@ chunked PyTorch loss `ltm_kernels.lm_head_nll_chunked`, so no backend materialis
 
 `ltm/` reaches the kernels only through this module; the kernels know nothing of the model.
 """
+
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 import ltm_kernels
 from ltm_kernels import reference
+
 # Pure helpers of the kernels' math that the model and the inner loop use: re-exported, so that ltm/ reaches
 # ltm_kernels through this module only.
 from ltm_kernels.reference import SCHEDULES, kl_ref, rope_tables, scheduled_lr  # noqa: F401
@@ -70,13 +72,15 @@ _EAGER = dict(
 
 # Ops the C++ extension implements, by name (schema `ltm::<name>`, except add_rms_norm: `ltm::rms_norm` with a
 # residual); the functional wrappers live in ltm_kernels.
-_CPP = dict(posterior_step=ltm_kernels.posterior_step_cpp,
-            self_attention=ltm_kernels.self_attention_cpp,
-            latent_attention=ltm_kernels.latent_attention_cpp,
-            lm_head_nll=ltm_kernels.lm_head_nll_cpp,
-            rms_norm=ltm_kernels.rms_norm_cpp,
-            add_rms_norm=ltm_kernels.add_rms_norm_cpp,
-            swiglu=ltm_kernels.swiglu_cpp)
+_CPP = dict(
+    posterior_step=ltm_kernels.posterior_step_cpp,
+    self_attention=ltm_kernels.self_attention_cpp,
+    latent_attention=ltm_kernels.latent_attention_cpp,
+    lm_head_nll=ltm_kernels.lm_head_nll_cpp,
+    rms_norm=ltm_kernels.rms_norm_cpp,
+    add_rms_norm=ltm_kernels.add_rms_norm_cpp,
+    swiglu=ltm_kernels.swiglu_cpp,
+)
 
 _CPP_SCHEMA = {"add_rms_norm": "rms_norm"}
 
@@ -115,6 +119,7 @@ def _triton_else_eager(name: str) -> Callable:
 
     def op(x, *args):
         return (fast if _triton_takes(name, x, args) else eager)(x, *args)
+
     op.__name__ = op.__qualname__ = f"{name}_triton_else_eager"
     return op
 
@@ -154,7 +159,7 @@ def check_backend(name: str) -> str:
     return name
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def select_ops(backend: str, device: torch.device) -> Ops:
     """The implementation of every op for `backend` on `device` (device type decides: cpu / cuda / ...)."""
     check_backend(backend)
@@ -170,7 +175,8 @@ def select_ops(backend: str, device: torch.device) -> Ops:
             missing = ", ".join(f"ltm::{name}" for name in _CPP)
             raise BackendUnavailableError(
                 f"cpp backend: the extension has no {device.type} kernel for {missing} "
-                f"(CUDA kernels are built only when torch has CUDA and nvcc is present)")
+                f"(CUDA kernels are built only when torch has CUDA and nvcc is present)"
+            )
     if backend == "triton" or (backend == "auto" and device.type == "cuda"):
         if ltm_kernels.triton_device_ok(device):
             for name, fn in _TRITON.items():
@@ -179,12 +185,15 @@ def select_ops(backend: str, device: torch.device) -> Ops:
         elif backend == "triton":
             raise BackendUnavailableError(
                 f"triton backend: its kernels run on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 "
-                f"is set before ltm is imported; not on {device.type} here")
+                f"is set before ltm is imported; not on {device.type} here"
+            )
     # posterior_step: Triton under `triton`; under `auto` the C++ kernel where built (CPU; CUDA when compiled
     # with nvcc), else Triton on CUDA, else eager.
     if ltm_kernels.triton_device_ok(device) and (
-            backend == "triton" or (backend == "auto" and device.type == "cuda" and impl["posterior_step"] != "cpp")):
-        chosen["posterior_step"] = (ltm_kernels.posterior_step_triton if backend == "triton"
-                                    else _posterior_step_triton_else_eager)
+        backend == "triton" or (backend == "auto" and device.type == "cuda" and impl["posterior_step"] != "cpp")
+    ):
+        chosen["posterior_step"] = (
+            ltm_kernels.posterior_step_triton if backend == "triton" else _posterior_step_triton_else_eager
+        )
         impl["posterior_step"] = "triton"
     return Ops(**chosen, impl=tuple(sorted(impl.items())))

@@ -9,6 +9,7 @@
     ltm fewshot runs/tiny/ckpt.pt --data qa.jsonl --shots 3
     ltm presets                                            # presets, exact parameter counts, backends here
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,8 @@ _TRAIN_HELP = {
     "lr": "peak decoder learning rate (published: 4e-4)",
     "min_lr": "final learning rate of the cosine decay (published: 4e-5)",
     "warmup_steps": "linear warmup steps (published: 1000)",
-    "beta1": "AdamW beta1", "beta2": "AdamW beta2 (published: 0.95)",
+    "beta1": "AdamW beta1",
+    "beta2": "AdamW beta2 (published: 0.95)",
     "weight_decay": "AdamW weight decay of matrices and embeddings (norm weights: 0)",
     "grad_clip": "global gradient-norm clip (0: off)",
     "inner_steps": "inner-loop steps T per batch (default: the preset's t_fast)",
@@ -51,7 +53,7 @@ _TRAIN_HELP = {
     "backend": "kernels: auto, eager, cpp or triton",
     "device": "auto (cuda when available), cpu, cuda or cuda:N",
     "resume": "resume from <out-dir>/ckpt.pt when it exists (--no-resume starts over, overwriting it; the old "
-              "metrics.jsonl is kept as metrics-<n>.jsonl)",
+    "metrics.jsonl is kept as metrics-<n>.jsonl)",
     "force": "resume even when settings differ from the checkpoint's (refused otherwise, listing the changes)",
     "progress": _PROGRESS_HELP,
 }
@@ -64,15 +66,22 @@ def _json_object(text: str) -> dict:
     except json.JSONDecodeError as err:
         raise argparse.ArgumentTypeError(f"must be a JSON object, e.g. '{{\"n_layer\": 2}}': {err}") from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object of LTMConfig fields, e.g. '{{\"n_layer\": 2}}', "
-                                         f"got {type(value).__name__} {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"must be a JSON object of LTMConfig fields, e.g. '{{\"n_layer\": 2}}', got {type(value).__name__} {text!r}"
+        )
     return value
 
 
 def _number(p, flag: str, allowed: Range, default, help_text: str, **kw) -> None:
     """An option parsed and range-checked by `allowed`; the range is part of its help."""
-    p.add_argument(flag, type=allowed.parse, default=default, metavar=allowed.kind.__name__.upper(),
-                   help=f"{help_text} [{allowed.describe(none_too=False)}]", **kw)
+    p.add_argument(
+        flag,
+        type=allowed.parse,
+        default=default,
+        metavar=allowed.kind.__name__.upper(),
+        help=f"{help_text} [{allowed.describe(none_too=False)}]",
+        **kw,
+    )
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -89,19 +98,27 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         elif f.name in RANGES:
             _number(p, flag, RANGES[f.name], default, help_text)
         else:
-            choices = {"inner_schedule": SCHEDULES, "latents": ("posterior", "zero"),
-                       "sampling": ("random", "blocks"), "preset": tuple(PRESETS)}.get(f.name)
-            p.add_argument(flag, default=default, required=default is None and f.name in ("data", "out_dir"),
-                           choices=choices, help=help_text)
+            choices = {
+                "inner_schedule": SCHEDULES,
+                "latents": ("posterior", "zero"),
+                "sampling": ("random", "blocks"),
+                "preset": tuple(PRESETS),
+            }.get(f.name)
+            p.add_argument(
+                flag,
+                default=default,
+                required=default is None and f.name in ("data", "out_dir"),
+                choices=choices,
+                help=help_text,
+            )
 
 
 def load_model(path, backend: str = "auto", device: str = "cpu"):
     """A model from a training checkpoint (ckpt.pt), a save_pretrained folder, or a published checkpoint."""
     from ltm.interop import read_checkpoint
     from ltm.model import LTMDecoder
-    from ltm.train import CHECKPOINT_FORMAT, check_training_checkpoint, model_from_checkpoint
-
     from ltm.tokenizer import check_vocab
+    from ltm.train import CHECKPOINT_FORMAT, check_training_checkpoint, model_from_checkpoint
 
     path = Path(path)
     device = resolve_device(device)
@@ -125,12 +142,22 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_inner_args(p: argparse.ArgumentParser, what: str) -> None:
-    _number(p, "--inner-lr", NON_NEGATIVE, INNER_LOOP.lr, f"inner-loop learning rate for {what} (default: "
-            f"{INNER_LOOP.lr}, published; "
-            "with logvar starting at -5 a short cosine loop leaves a large KL, raise it or use --inner-schedule "
-            "constant/linear)")
-    p.add_argument("--inner-schedule", choices=SCHEDULES, default=INNER_LOOP.schedule,
-                   help=f"inner-loop lr schedule (default: {INNER_LOOP.schedule})")
+    _number(
+        p,
+        "--inner-lr",
+        NON_NEGATIVE,
+        INNER_LOOP.lr,
+        f"inner-loop learning rate for {what} (default: "
+        f"{INNER_LOOP.lr}, published; "
+        "with logvar starting at -5 a short cosine loop leaves a large KL, raise it or use --inner-schedule "
+        "constant/linear)",
+    )
+    p.add_argument(
+        "--inner-schedule",
+        choices=SCHEDULES,
+        default=INNER_LOOP.schedule,
+        help=f"inner-loop lr schedule (default: {INNER_LOOP.schedule})",
+    )
 
 
 def _add_progress_arg(p: argparse.ArgumentParser) -> None:
@@ -138,18 +165,28 @@ def _add_progress_arg(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ltm", description="Latent Thought Models: prepare data, train, evaluate, "
-                                     "generate, few-shot prompting.", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
-    sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{prepare,train,eval,generate,fewshot,presets}")
+    parser = argparse.ArgumentParser(
+        prog="ltm",
+        description="Latent Thought Models: prepare data, train, evaluate, generate, few-shot prompting.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{prepare,train,eval,generate,fewshot,presets}")
 
     p = sub.add_parser("prepare", help="tokenize text files / folders / JSONL into a token file + metadata")
-    p.add_argument("inputs", nargs="+", help="text files (one document each), folders (their .txt/.md/.jsonl files), "
-                   "JSONL files (one document per line)")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        help="text files (one document each), folders (their .txt/.md/.jsonl files), "
+        "JSONL files (one document per line)",
+    )
     p.add_argument("-o", "--output", required=True, help="output stem: writes <output>.bin and <output>.json")
-    p.add_argument("--encoding", default="bytes", choices=("bytes", "gpt2"),
-                   help="tokenizer: bytes (offline, 258 ids) or gpt2 (GPT-2 BPE + BOS, 50258 ids) (default: bytes)")
+    p.add_argument(
+        "--encoding",
+        default="bytes",
+        choices=("bytes", "gpt2"),
+        help="tokenizer: bytes (offline, 258 ids) or gpt2 (GPT-2 BPE + BOS, 50258 ids) (default: bytes)",
+    )
     p.add_argument("--jsonl-key", default="text", help="field of JSONL objects holding the text (default: text)")
     _add_progress_arg(p)
 
@@ -161,8 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="prepared token data (from `ltm prepare`)")
     src.add_argument("--text", nargs="+", help="text files / folders / JSONL, tokenized on the fly")
-    _number(p, "--steps", STEPS, None, "inner-loop lengths T to evaluate, e.g. 0 4 16 64 (default: 0 and the "
-            "model's t_fast)", nargs="+")
+    _number(
+        p,
+        "--steps",
+        STEPS,
+        None,
+        "inner-loop lengths T to evaluate, e.g. 0 4 16 64 (default: 0 and the model's t_fast)",
+        nargs="+",
+    )
     _number(p, "--seq-len", COUNT, None, "tokens per scored window, at most max_seq_len (default: max_seq_len)")
     _number(p, "--batch-size", COUNT, 8, "windows per batch")
     _number(p, "--iw-samples", STEPS, 0, "K of the importance-weighted bound (0: skip)")
@@ -176,15 +219,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--prompt", default="", help="text to continue (default: none, unconditional)")
     _number(p, "--max-new-tokens", STEPS, 100, "tokens to generate at most")
-    p.add_argument("--unconditional", action="store_true",
-                   help="draw z from the prior even with a prompt (default: fit q(z | prompt) when a prompt is given)")
+    p.add_argument(
+        "--unconditional",
+        action="store_true",
+        help="draw z from the prior even with a prompt (default: fit q(z | prompt) when a prompt is given)",
+    )
     _number(p, "--prior-scale", NON_NEGATIVE, 1.0, "z ~ N(0, scale^2 I) when unconditional")
     _number(p, "--inner-steps", STEPS, None, "inner-loop steps on the prompt (default: t_fast)")
     _add_inner_args(p, "fitting the prompt")
     _number(p, "--temperature", NON_NEGATIVE, 1.0, "sampling temperature; 0 = greedy")
     _number(p, "--top-k", COUNT, None, "sample among the k most likely tokens")
-    _number(p, "--top-p", Range(float, 0, 1, low_open=True), None,
-            "sample from the smallest set holding this much probability")
+    _number(
+        p,
+        "--top-p",
+        Range(float, 0, 1, low_open=True),
+        None,
+        "sample from the smallest set holding this much probability",
+    )
 
     p = sub.add_parser("fewshot", help="few-shot QA exact match, posterior fitted on each prompt")
     _add_model_args(p)
@@ -213,8 +264,10 @@ def print_presets() -> None:
         cfg = LTMConfig.from_name(name)
         with torch.device("meta"):  # counts only: no memory, no init
             n_params = LTMDecoder(cfg, backend="eager").n_params
-        print(f"{name:<10} {cfg.n_layer:>6} {cfg.d_model:>5} {cfg.n_z:>4} {cfg.t_fast:>6} {cfg.vocab_size:>6} "
-              f"{n_params:>12,} ({n_params / 1e6:.2f}M)")
+        print(
+            f"{name:<10} {cfg.n_layer:>6} {cfg.d_model:>5} {cfg.n_z:>4} {cfg.t_fast:>6} {cfg.vocab_size:>6} "
+            f"{n_params:>12,} ({n_params / 1e6:.2f}M)"
+        )
     print()
     for backend, (ok, reason) in backend_status().items():
         print(f"backend {backend:<7} {'available' if ok else 'unavailable'}: {reason}")
@@ -238,18 +291,23 @@ def _run(args) -> int:
     elif args.command == "prepare":
         from ltm.data import prepare
 
-        meta = prepare(args.inputs, args.output, encoding=args.encoding, jsonl_key=args.jsonl_key,
-                       progress=args.progress)
-        print(f"wrote {meta['n_tokens']:,} tokens of {meta['n_documents']:,} documents ({meta['encoding']}, "
-              f"{meta['dtype']}) to {Path(args.output).with_suffix('.bin')} + .json")
+        meta = prepare(
+            args.inputs, args.output, encoding=args.encoding, jsonl_key=args.jsonl_key, progress=args.progress
+        )
+        print(
+            f"wrote {meta['n_tokens']:,} tokens of {meta['n_documents']:,} documents ({meta['encoding']}, "
+            f"{meta['dtype']}) to {Path(args.output).with_suffix('.bin')} + .json"
+        )
     elif args.command == "train":
         from ltm.train import TrainConfig, train
 
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
         result = train(TrainConfig(**values))
         if result.interrupted:
-            print(f"stopped by {result.interrupted} at step {result.step}; checkpoint {result.checkpoint} (run the "
-                  f"same command to resume), metrics {result.metrics}")
+            print(
+                f"stopped by {result.interrupted} at step {result.step}; checkpoint {result.checkpoint} (run the "
+                f"same command to resume), metrics {result.metrics}"
+            )
             return 128 + int(getattr(signal, result.interrupted, signal.SIGINT))
         print(f"trained to step {result.step}; checkpoint {result.checkpoint}, metrics {result.metrics}")
     elif args.command == "eval":
@@ -265,28 +323,63 @@ def _run(args) -> int:
         if args.out and args.plot:
             check_output("--plot", args.plot, [("--out", args.out)])
         model = load_model(args.checkpoint, args.backend, args.device)
-        data = (TokenData(args.data, encoding=model.cfg.encoding) if args.data
-                else encode_texts(args.text, model.cfg.encoding))
+        data = (
+            TokenData(args.data, encoding=model.cfg.encoding)
+            if args.data
+            else encode_texts(args.text, model.cfg.encoding)
+        )
         steps = args.steps if args.steps is not None else sorted({0, model.cfg.t_fast})
-        results = elbo_eval(model, data, steps=steps, seq_len=args.seq_len, batch_size=args.batch_size,
-                            lr=args.inner_lr, schedule=args.inner_schedule, iw_samples=args.iw_samples,
-                            max_blocks=args.max_blocks, seed=args.seed, progress=args.progress)
+        results = elbo_eval(
+            model,
+            data,
+            steps=steps,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            lr=args.inner_lr,
+            schedule=args.inner_schedule,
+            iw_samples=args.iw_samples,
+            max_blocks=args.max_blocks,
+            seed=args.seed,
+            progress=args.progress,
+        )
         print(format_table(results))
         if args.out:
-            write_results(results, args.out, meta=dict(checkpoint=str(args.checkpoint), data=args.data or args.text,
-                                                       inner_lr=args.inner_lr, inner_schedule=args.inner_schedule))
+            write_results(
+                results,
+                args.out,
+                meta=dict(
+                    checkpoint=str(args.checkpoint),
+                    data=args.data or args.text,
+                    inner_lr=args.inner_lr,
+                    inner_schedule=args.inner_schedule,
+                ),
+            )
             print(f"wrote {args.out}")
         if args.plot:
-            print(f"wrote {args.plot}" if plot_scaling(results, args.plot) else "--plot skipped: matplotlib is not "
-                  "installed (pip install matplotlib)")
+            print(
+                f"wrote {args.plot}"
+                if plot_scaling(results, args.plot)
+                else "--plot skipped: matplotlib is not installed (pip install matplotlib)"
+            )
     elif args.command == "generate":
         from ltm.generate import generate_text
 
         model = load_model(args.checkpoint, args.backend, args.device)
-        generate_text(model, args.prompt, args.max_new_tokens, conditional=not args.unconditional,
-                      prior_scale=args.prior_scale, steps=args.inner_steps, lr=args.inner_lr,
-                      schedule=args.inner_schedule, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                      seed=args.seed, stream=sys.stdout)
+        generate_text(
+            model,
+            args.prompt,
+            args.max_new_tokens,
+            conditional=not args.unconditional,
+            prior_scale=args.prior_scale,
+            steps=args.inner_steps,
+            lr=args.inner_lr,
+            schedule=args.inner_schedule,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            stream=sys.stdout,
+        )
         print()
     elif args.command == "fewshot":
         from ltm.fewshot import fewshot_eval, read_qa
@@ -295,9 +388,18 @@ def _run(args) -> int:
             check_output("--out", args.out, [("checkpoint", args.checkpoint), ("--data", args.data)])
         model = load_model(args.checkpoint, args.backend, args.device)
         examples = read_qa(args.data, args.question_key, args.answer_key)
-        result = fewshot_eval(model, examples, shots=args.shots, steps=args.inner_steps, lr=args.inner_lr,
-                              schedule=args.inner_schedule, max_answer_tokens=args.max_answer_tokens, seed=args.seed,
-                              limit=args.limit, progress=args.progress)
+        result = fewshot_eval(
+            model,
+            examples,
+            shots=args.shots,
+            steps=args.inner_steps,
+            lr=args.inner_lr,
+            schedule=args.inner_schedule,
+            max_answer_tokens=args.max_answer_tokens,
+            seed=args.seed,
+            limit=args.limit,
+            progress=args.progress,
+        )
         print(f"exact match: {result['accuracy']:.4f} ({result['n']} questions, {result['shots']} shots)")
         if args.out:
             atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")

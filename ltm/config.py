@@ -1,10 +1,10 @@
 """Model configuration: one dataclass, the published presets, and our small test/demo presets."""
+
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 from ltm.validation import COUNT, Range, check_choice
 
@@ -18,25 +18,24 @@ def swiglu_hidden_size(d_model: int) -> int:
 
 @dataclass
 class LTMConfig:
-    vocab_size: int = 50258          # GPT-2 BPE (50257) + BOS <|beginoftext|>
+    vocab_size: int = 50258  # GPT-2 BPE (50257) + BOS <|beginoftext|>
     n_layer: int = 3
     n_head: int = 8
     d_model: int = 512
-    max_seq_len: int = 1024          # context length; also sets the latent key positions
-    window_size: int = 256           # token n attends to tokens n-W+1 .. n
-    n_z: int = 24                    # latent vectors in TOTAL, split evenly over layers
-    d_ff: Optional[int] = None       # None: the published SwiGLU width for d_model
-    norm_eps: float = 1e-5           # in (0, 1]
-    rope_theta: float = 10000.0      # RoPE base, > 0
-    t_fast: int = 16                 # default inner-loop steps (infer_posterior(steps=None))
-    encoding: str = "gpt2"           # tokenizer the model is trained with (ENCODINGS); travels with checkpoints
+    max_seq_len: int = 1024  # context length; also sets the latent key positions
+    window_size: int = 256  # token n attends to tokens n-W+1 .. n
+    n_z: int = 24  # latent vectors in TOTAL, split evenly over layers
+    d_ff: int | None = None  # None: the published SwiGLU width for d_model
+    norm_eps: float = 1e-5  # in (0, 1]
+    rope_theta: float = 10000.0  # RoPE base, > 0
+    t_fast: int = 16  # default inner-loop steps (infer_posterior(steps=None))
+    encoding: str = "gpt2"  # tokenizer the model is trained with (ENCODINGS); travels with checkpoints
     # (vocab_size >= the tokenizer's is checked where a tokenizer meets the model: ltm.tokenizer.check_vocab)
 
     def __post_init__(self):
         if self.d_ff is None:
             self.d_ff = swiglu_hidden_size(self.d_model)
-        positive = ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len", "window_size", "n_z",
-                    "d_ff", "t_fast")
+        positive = ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len", "window_size", "n_z", "d_ff", "t_fast")
         for name in positive:
             COUNT.check(f"LTMConfig.{name}", getattr(self, name))
         Range(float, 0, 1, low_open=True).check("LTMConfig.norm_eps", self.norm_eps)
@@ -47,11 +46,15 @@ class LTMConfig:
         if self.head_dim % 2:
             raise ValueError(f"LTMConfig head dim d_model / n_head = {self.head_dim} must be even (RoPE pairs)")
         if self.n_z % self.n_layer:
-            raise ValueError(f"LTMConfig.n_z ({self.n_z}) must be divisible by n_layer ({self.n_layer}): "
-                             "each layer owns n_z / n_layer latents")
+            raise ValueError(
+                f"LTMConfig.n_z ({self.n_z}) must be divisible by n_layer ({self.n_layer}): "
+                "each layer owns n_z / n_layer latents"
+            )
         if self.max_seq_len < self.n_z:
-            raise ValueError(f"LTMConfig.max_seq_len ({self.max_seq_len}) must be >= n_z ({self.n_z}): "
-                             "latent positions are j * (max_seq_len // n_z)")
+            raise ValueError(
+                f"LTMConfig.max_seq_len ({self.max_seq_len}) must be >= n_z ({self.n_z}): "
+                "latent positions are j * (max_seq_len // n_z)"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -67,7 +70,7 @@ class LTMConfig:
         return self.max_seq_len // self.n_z
 
     @classmethod
-    def from_name(cls, name: str, **overrides) -> "LTMConfig":
+    def from_name(cls, name: str, **overrides) -> LTMConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown LTM preset {name!r}; known: {', '.join(sorted(PRESETS))}")
         return cls.from_dict({**PRESETS[name], **overrides})
@@ -76,7 +79,7 @@ class LTMConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "LTMConfig":
+    def from_dict(cls, values: dict) -> LTMConfig:
         if not isinstance(values, dict):
             raise ValueError(f"LTMConfig values must be a dict of field: value, got {type(values).__name__}")
         known = [f.name for f in dataclasses.fields(cls)]
@@ -94,9 +97,27 @@ PRESETS = {
     "ltm-m": dict(_PUBLISHED, n_layer=6, n_z=24, t_fast=16),
     "ltm-l": dict(_PUBLISHED, n_layer=12, n_z=96, t_fast=64),
     # The CPU benchmark's configuration (docs/targets.md, 'CPU'; GPT-2 vocabulary).
-    "ltm-cpu": dict(vocab_size=50258, n_layer=4, n_head=4, d_model=256, max_seq_len=512, window_size=128,
-                    n_z=16, t_fast=16, encoding="gpt2"),
+    "ltm-cpu": dict(
+        vocab_size=50258,
+        n_layer=4,
+        n_head=4,
+        d_model=256,
+        max_seq_len=512,
+        window_size=128,
+        n_z=16,
+        t_fast=16,
+        encoding="gpt2",
+    ),
     # Tests and demos: byte-level tokenizer (256 bytes + EOS + BOS), runs in milliseconds on a CPU.
-    "ltm-tiny": dict(vocab_size=258, n_layer=2, n_head=2, d_model=64, max_seq_len=64, window_size=16,
-                     n_z=8, t_fast=4, encoding="bytes"),
+    "ltm-tiny": dict(
+        vocab_size=258,
+        n_layer=2,
+        n_head=2,
+        d_model=64,
+        max_seq_len=64,
+        window_size=16,
+        n_z=8,
+        t_fast=4,
+        encoding="bytes",
+    ),
 }

@@ -14,12 +14,13 @@ sees exactly the batches one process sees with a W times larger batch (each rank
 
     ltm prepare corpus/ notes.jsonl -o data/train --encoding bytes
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -44,8 +45,13 @@ def _input_files(paths: Iterable) -> list[Path]:
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
             if not found:
                 raise DataError(f"input folder {path} holds no {'/'.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} files")
             files.extend(found)
@@ -70,8 +76,10 @@ def iter_documents(paths: Iterable, jsonl_key: str = "text") -> Iterator[str]:
                         raise DataError(f"{path}:{line_no} is not valid JSON: {err}") from None
                     if isinstance(obj, dict):
                         if jsonl_key not in obj or not isinstance(obj[jsonl_key], str):
-                            raise DataError(f"{path}:{line_no} has no string field {jsonl_key!r} "
-                                            f"(choose the field with jsonl_key / --jsonl-key)")
+                            raise DataError(
+                                f"{path}:{line_no} has no string field {jsonl_key!r} "
+                                f"(choose the field with jsonl_key / --jsonl-key)"
+                            )
                         obj = obj[jsonl_key]
                     if not isinstance(obj, str):
                         raise DataError(f"{path}:{line_no}: expected an object or a string, got {type(obj).__name__}")
@@ -120,8 +128,11 @@ def prepare(inputs, output, encoding: str = "bytes", jsonl_key: str = "text", pr
     dtype = token_dtype(tok.vocab_size)
     bin_path.parent.mkdir(parents=True, exist_ok=True)
     n_tokens = n_docs = 0
-    with atomic_open(bin_path) as f_bin, atomic_open(meta_path, "w") as f_meta, \
-            progress_bar(progress, desc="prepare", unit=" docs") as bar:
+    with (
+        atomic_open(bin_path) as f_bin,
+        atomic_open(meta_path, "w") as f_meta,
+        progress_bar(progress, desc="prepare", unit=" docs") as bar,
+    ):
         for text in iter_documents(sources, jsonl_key):
             ids = np.asarray(tok.encode_document(text), dtype=dtype)
             f_bin.write(ids.tobytes())
@@ -133,9 +144,18 @@ def prepare(inputs, output, encoding: str = "bytes", jsonl_key: str = "text", pr
         bar.set_postfix(tokens=f"{n_tokens:,}")
         if n_docs == 0:
             raise DataError(f"inputs {[str(p) for p in inputs]} contain no non-empty documents")
-        meta = dict(format=FORMAT, version=1, encoding=encoding, vocab_size=tok.vocab_size, dtype=dtype.name,
-                    n_tokens=n_tokens, n_documents=n_docs, bos_id=tok.bos_id, eos_id=tok.eos_id,
-                    sources=[str(p) for p in inputs])
+        meta = dict(
+            format=FORMAT,
+            version=1,
+            encoding=encoding,
+            vocab_size=tok.vocab_size,
+            dtype=dtype.name,
+            n_tokens=n_tokens,
+            n_documents=n_docs,
+            bos_id=tok.bos_id,
+            eos_id=tok.eos_id,
+            sources=[str(p) for p in inputs],
+        )
         f_meta.write(json.dumps(meta, indent=2) + "\n")
     return meta
 
@@ -143,7 +163,7 @@ def prepare(inputs, output, encoding: str = "bytes", jsonl_key: str = "text", pr
 class TokenData:
     """A prepared token file, memory-mapped. `encoding` given: refuse a dataset made with another tokenizer."""
 
-    def __init__(self, path, encoding: Optional[str] = None):
+    def __init__(self, path, encoding: str | None = None):
         self.bin_path, self.meta_path = data_paths(path)
         if not self.meta_path.is_file():
             raise DataError(f"data {path}: metadata file {self.meta_path} not found (make it with `ltm prepare`)")
@@ -162,8 +182,10 @@ class TokenData:
         if size == 0 or n_tokens == 0:
             raise DataError(f"data file {self.bin_path} is empty (no tokens)")
         if size != n_tokens * dtype.itemsize:
-            raise DataError(f"data file {self.bin_path} has {size} bytes but its metadata says {n_tokens} "
-                            f"{dtype.name} tokens ({n_tokens * dtype.itemsize} bytes): truncated or overwritten")
+            raise DataError(
+                f"data file {self.bin_path} has {size} bytes but its metadata says {n_tokens} "
+                f"{dtype.name} tokens ({n_tokens * dtype.itemsize} bytes): truncated or overwritten"
+            )
         self.tokens = np.memmap(self.bin_path, dtype=dtype, mode="r", shape=(n_tokens,))
 
     def __len__(self) -> int:
@@ -186,7 +208,7 @@ def as_token_array(data) -> np.ndarray:
 
 # ---------------------------------------------------------------- batches
 def _windows(tokens: np.ndarray, starts: np.ndarray, length: int) -> torch.Tensor:
-    return torch.from_numpy(np.stack([np.asarray(tokens[s:s + length], dtype=np.int64) for s in starts]))
+    return torch.from_numpy(np.stack([np.asarray(tokens[s : s + length], dtype=np.int64) for s in starts]))
 
 
 class WindowSampler:
@@ -197,11 +219,24 @@ class WindowSampler:
     `batch_size * world_size * grad_accum` windows; micro-step m of rank r takes slice `m * world_size + r`.
     """
 
-    def __init__(self, data, seq_len: int, batch_size: int, seed: int = 0, sampling: str = "random",
-                 rank: int = 0, world_size: int = 1, grad_accum: int = 1):
+    def __init__(
+        self,
+        data,
+        seq_len: int,
+        batch_size: int,
+        seed: int = 0,
+        sampling: str = "random",
+        rank: int = 0,
+        world_size: int = 1,
+        grad_accum: int = 1,
+    ):
         self.tokens = as_token_array(data)
-        for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("world_size", world_size),
-                            ("grad_accum", grad_accum)):
+        for name, value in (
+            ("seq_len", seq_len),
+            ("batch_size", batch_size),
+            ("world_size", world_size),
+            ("grad_accum", grad_accum),
+        ):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if sampling not in SAMPLINGS:
@@ -209,8 +244,7 @@ class WindowSampler:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         if len(self.tokens) < seq_len + 1:
-            raise DataError(f"data has {len(self.tokens)} tokens, fewer than one window of seq_len + 1 = "
-                            f"{seq_len + 1}")
+            raise DataError(f"data has {len(self.tokens)} tokens, fewer than one window of seq_len + 1 = {seq_len + 1}")
         self.seq_len, self.batch_size, self.seed, self.sampling = seq_len, batch_size, seed, sampling
         self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
         self.global_batch = batch_size * world_size * grad_accum
@@ -226,8 +260,9 @@ class WindowSampler:
         """Start offsets of every window of the global batch of `step`."""
         length = self.seq_len + 1
         if self.sampling == "random":
-            return np.random.default_rng([self.seed, step]).integers(0, len(self.tokens) - length + 1,
-                                                                    size=self.global_batch)
+            return np.random.default_rng([self.seed, step]).integers(
+                0, len(self.tokens) - length + 1, size=self.global_batch
+            )
         n_blocks = len(self.tokens) // length
         index = step * self.global_batch + np.arange(self.global_batch)
         blocks = np.array([self._block_order(int(i // n_blocks))[i % n_blocks] for i in index])
@@ -246,7 +281,7 @@ def eval_blocks(data, seq_len: int) -> list[torch.Tensor]:
     a last shorter window (>= 2 tokens) is kept. The first token of every window is context, never scored."""
     tokens = as_token_array(data)
     length = seq_len + 1
-    out = [torch.from_numpy(np.asarray(tokens[s:s + length], dtype=np.int64)) for s in range(0, len(tokens), length)]
+    out = [torch.from_numpy(np.asarray(tokens[s : s + length], dtype=np.int64)) for s in range(0, len(tokens), length)]
     if len(out[-1]) < 2:
         out.pop()
     if not out:

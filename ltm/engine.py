@@ -26,16 +26,26 @@ key means a new engine (`cached_inner_loop` keeps a few per model). Updating the
 optimizer step, load_state_dict) is fine; moving the model is a new key. `close()` (or `with InnerLoop(...)`)
 releases the graph and its memory pool.
 """
+
 from __future__ import annotations
 
 import collections
 import weakref
-from typing import Optional
 
 import torch
 
-from ltm.latents import (ADAM_BETAS, ADAM_EPS, INNER_LOOP, SCHEDULES, Posterior, _param_dtype, check_inputs,
-                         check_loop_settings, draw_latents, kl_divergence)
+from ltm.latents import (
+    ADAM_BETAS,
+    ADAM_EPS,
+    INNER_LOOP,
+    SCHEDULES,
+    Posterior,
+    _param_dtype,
+    check_inputs,
+    check_loop_settings,
+    draw_latents,
+    kl_divergence,
+)
 
 MAX_CACHED_LOOPS = 4  # engines (graphs) kept per model by cached_inner_loop, least recently used dropped
 
@@ -44,9 +54,17 @@ class InnerLoop:
     """Posterior inference for one (batch, seq_len, steps, lr, schedule, weight_decay) on `model`'s device,
     dtype and backend ops. `graph`: capture a CUDA graph (default: on CUDA devices)."""
 
-    def __init__(self, model, batch: int, seq_len: int, steps: Optional[int] = None,
-                 lr: float = INNER_LOOP.lr, schedule: str = INNER_LOOP.schedule,
-                 weight_decay: float = INNER_LOOP.weight_decay, graph: Optional[bool] = None):
+    def __init__(
+        self,
+        model,
+        batch: int,
+        seq_len: int,
+        steps: int | None = None,
+        lr: float = INNER_LOOP.lr,
+        schedule: str = INNER_LOOP.schedule,
+        weight_decay: float = INNER_LOOP.weight_decay,
+        graph: bool | None = None,
+    ):
         cfg = model.cfg
         steps = cfg.t_fast if steps is None else steps
         check_loop_settings(steps, lr, schedule, weight_decay)
@@ -68,7 +86,7 @@ class InnerLoop:
         self.tokens = torch.zeros(batch, seq_len, dtype=torch.int64, device=device)
         self.targets = torch.zeros(batch, seq_len, dtype=torch.int64, device=device)
         self.mu0, self.logvar0, self.noise = (torch.zeros(shape, **f) for _ in range(3))  # static inputs
-        self.mu, self.logvar, self.z = (torch.zeros(shape, **f) for _ in range(3))         # loop state
+        self.mu, self.logvar, self.z = (torch.zeros(shape, **f) for _ in range(3))  # loop state
         self.moments = [torch.zeros(shape, **f) for _ in range(4)]  # exp_avg / exp_avg_sq of mu, logvar
         self.step = torch.zeros(1, dtype=torch.int64, device=device)  # updates done, on the device
         self.z_leaf = self.z.detach().requires_grad_(True)  # shares z's memory: dL/dz without a copy
@@ -90,9 +108,22 @@ class InnerLoop:
         with torch.enable_grad():
             nll = model.sequence_nll(self.tokens, self.targets, self.z_leaf, prefix)
             (grad_z,) = torch.autograd.grad(nll.sum(), self.z_leaf)
-        self.ops.posterior_step(self.mu, self.logvar, *self.moments, self.z, grad_z, self.noise, self.step,
-                                self.lr, self.steps, SCHEDULES.index(self.schedule), ADAM_BETAS[0], ADAM_BETAS[1],
-                                ADAM_EPS, self.weight_decay)
+        self.ops.posterior_step(
+            self.mu,
+            self.logvar,
+            *self.moments,
+            self.z,
+            grad_z,
+            self.noise,
+            self.step,
+            self.lr,
+            self.steps,
+            SCHEDULES.index(self.schedule),
+            ADAM_BETAS[0],
+            ADAM_BETAS[1],
+            ADAM_EPS,
+            self.weight_decay,
+        )
 
     @torch.no_grad()
     def _loop(self):
@@ -112,16 +143,26 @@ class InnerLoop:
         return model.sequence_nll(self.tokens, self.targets, self.z, prefix), kl_divergence(self.mu, self.logvar)
 
     # ------------------------------------------------------------------------------------------- public
-    def load(self, tokens, targets, mu=None, logvar=None, noise=None, generator: Optional[torch.Generator] = None,
-             checked: bool = False) -> None:
+    def load(
+        self,
+        tokens,
+        targets,
+        mu=None,
+        logvar=None,
+        noise=None,
+        generator: torch.Generator | None = None,
+        checked: bool = False,
+    ) -> None:
         """Copy a batch into the static inputs; mu / logvar / noise not given are drawn (from `generator`) as
         `infer_posterior` documents. Validates the inputs (a host read) unless `checked`."""
         model = self.model
         if not checked:
             tokens, targets, mu, logvar, noise = check_inputs(model, tokens, targets, mu, logvar, noise)
         if tuple(tokens.shape) != tuple(self.tokens.shape):
-            raise ValueError(f"tokens must have shape {tuple(self.tokens.shape)} (batch, seq_len) for this "
-                             f"InnerLoop, got {tuple(tokens.shape)}")
+            raise ValueError(
+                f"tokens must have shape {tuple(self.tokens.shape)} (batch, seq_len) for this "
+                f"InnerLoop, got {tuple(tokens.shape)}"
+            )
         mu, logvar, noise = draw_latents(model, tokens.shape[0], mu, logvar, noise, generator)
         self.tokens.copy_(tokens)
         self.targets.copy_(targets)
@@ -159,11 +200,25 @@ class InnerLoop:
         """Copies of the last execute's outputs (the buffers are overwritten by the next one)."""
         if self.nll is None:
             raise RuntimeError("InnerLoop.result() before execute()")
-        return Posterior(mu=self.mu.clone(), logvar=self.logvar.clone(), z=self.z.clone(), noise=self.noise.clone(),
-                         nll=self.nll.clone(), kl=self.kl.clone())
+        return Posterior(
+            mu=self.mu.clone(),
+            logvar=self.logvar.clone(),
+            z=self.z.clone(),
+            noise=self.noise.clone(),
+            nll=self.nll.clone(),
+            kl=self.kl.clone(),
+        )
 
-    def run(self, tokens, targets, mu=None, logvar=None, noise=None, generator: Optional[torch.Generator] = None,
-            checked: bool = False) -> Posterior:
+    def run(
+        self,
+        tokens,
+        targets,
+        mu=None,
+        logvar=None,
+        noise=None,
+        generator: torch.Generator | None = None,
+        checked: bool = False,
+    ) -> Posterior:
         """load + execute + result: the posterior of one batch, as `LTMDecoder.infer_posterior` returns it."""
         self.load(tokens, targets, mu, logvar, noise, generator=generator, checked=checked)
         self.execute()
@@ -176,7 +231,7 @@ class InnerLoop:
         self._graph = self._pool = None
         self.nll = self.kl = None  # graph-pool tensors: holding them would keep the pool's blocks
 
-    def __enter__(self) -> "InnerLoop":
+    def __enter__(self) -> InnerLoop:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -187,14 +242,28 @@ def loop_key(model, batch, seq_len, steps, lr, schedule, weight_decay) -> tuple:
     """What a captured loop depends on: shapes and settings, and the model's dtype, device, ops and weight
     addresses (a graph reads weights where they were at capture), and the autocast state."""
     weight = model.tok_embeddings.weight
-    autocast = (torch.is_autocast_enabled(weight.device.type), torch.get_autocast_dtype(weight.device.type)) \
-        if weight.device.type in ("cuda", "cpu") else None
-    return (batch, seq_len, steps, float(lr), schedule, float(weight_decay), weight.dtype, weight.device,
-            id(model.ops), tuple(p.data_ptr() for p in model.parameters()), autocast)
+    autocast = (
+        (torch.is_autocast_enabled(weight.device.type), torch.get_autocast_dtype(weight.device.type))
+        if weight.device.type in ("cuda", "cpu")
+        else None
+    )
+    return (
+        batch,
+        seq_len,
+        steps,
+        float(lr),
+        schedule,
+        float(weight_decay),
+        weight.dtype,
+        weight.device,
+        id(model.ops),
+        tuple(p.data_ptr() for p in model.parameters()),
+        autocast,
+    )
 
 
 # model -> OrderedDict(key -> InnerLoop); weak keys, so engines go with their model.
-_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def cached_inner_loop(model, batch, seq_len, steps, lr, schedule, weight_decay) -> InnerLoop:

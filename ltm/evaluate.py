@@ -10,12 +10,13 @@ N_b scored tokens, the inner loop fits q(z | x_b) in T steps, then:
 The importance-weighted bound is tighter than the ELBO and free of the fixed-noise bias of the loop's sample.
 Every window's initial (mu, logvar, noise) comes from its own seed, the same for every T.
 """
+
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 
@@ -44,9 +45,19 @@ def _iw_nelbo(model, tokens, targets, mu, logvar, samples: int, generator) -> to
     return -(torch.logsumexp(torch.stack(log_w), 0) - math.log(samples))
 
 
-def elbo_eval(model, data, steps: Sequence[int] = (0, 16), seq_len: Optional[int] = None, batch_size: int = 8,
-              lr: float = INNER_LOOP.lr, schedule: str = INNER_LOOP.schedule, iw_samples: int = 0, max_blocks: Optional[int] = None,
-              seed: int = 0, progress: bool = False) -> list[dict]:
+def elbo_eval(
+    model,
+    data,
+    steps: Sequence[int] = (0, 16),
+    seq_len: int | None = None,
+    batch_size: int = 8,
+    lr: float = INNER_LOOP.lr,
+    schedule: str = INNER_LOOP.schedule,
+    iw_samples: int = 0,
+    max_blocks: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[dict]:
     """One result dict per T in `steps` (see the module docstring for every field). `data`: a TokenData, or a
     1-D array/tensor of token ids; `max_blocks` (>= 1, None: all) caps the number of windows scored. A bound
     beyond float64's range (e.g. seq_len=1: one token carries the whole KL) is inf."""
@@ -65,7 +76,7 @@ def elbo_eval(model, data, steps: Sequence[int] = (0, 16), seq_len: Optional[int
     blocks = eval_blocks(data, seq_len)[:max_blocks]
     # Windows of equal length batch together; only the last one may be shorter.
     full = [i for i, b in enumerate(blocks) if len(b) == seq_len + 1]
-    batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
+    batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
     batches += [[i] for i, b in enumerate(blocks) if len(b) != seq_len + 1]
     device = model.tok_embeddings.weight.device
     results = []
@@ -78,8 +89,9 @@ def elbo_eval(model, data, steps: Sequence[int] = (0, 16), seq_len: Optional[int
             w = torch.stack([blocks[i] for i in ids]).to(device)
             tokens, targets = w[:, :-1], w[:, 1:]
             mu, logvar, noise = seeded_latents(cfg, [(seed, i, 3) for i in ids], device)
-            post = model.infer_posterior(tokens, targets, steps=T, lr=lr, schedule=schedule, mu=mu, logvar=logvar,
-                                         noise=noise)
+            post = model.infer_posterior(
+                tokens, targets, steps=T, lr=lr, schedule=schedule, mu=mu, logvar=logvar, noise=noise
+            )
             nll.append(post.nll.double().cpu())
             kl.append(post.kl.double().cpu())
             nelbo.append(nll[-1] + kl[-1])
@@ -89,13 +101,23 @@ def elbo_eval(model, data, steps: Sequence[int] = (0, 16), seq_len: Optional[int
             bar.update(1)
         nelbo, nll, kl, n_tok = (torch.cat(x) for x in (nelbo, nll, kl, n_tok))
         total = float(n_tok.sum())
-        r = dict(T=T, sequences=len(nelbo), tokens=int(total), nelbo_per_token=float(nelbo.sum()) / total,
-                 nll_per_token=float(nll.sum()) / total, kl_per_seq=float(kl.mean()),
-                 ppl_bound=_exp(float(nelbo.sum()) / total), ppl_mean_exp=float(torch.exp(nelbo / n_tok).mean()))
+        r = dict(
+            T=T,
+            sequences=len(nelbo),
+            tokens=int(total),
+            nelbo_per_token=float(nelbo.sum()) / total,
+            nll_per_token=float(nll.sum()) / total,
+            kl_per_seq=float(kl.mean()),
+            ppl_bound=_exp(float(nelbo.sum()) / total),
+            ppl_mean_exp=float(torch.exp(nelbo / n_tok).mean()),
+        )
         if iw_samples:
             iw_all = torch.cat(iw)
-            r.update(iw_samples=iw_samples, iw_nelbo_per_token=float(iw_all.sum()) / total,
-                     ppl_iw=_exp(float(iw_all.sum()) / total))
+            r.update(
+                iw_samples=iw_samples,
+                iw_nelbo_per_token=float(iw_all.sum()) / total,
+                ppl_iw=_exp(float(iw_all.sum()) / total),
+            )
         results.append(r)
     bar.close()
     return results
@@ -111,8 +133,9 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_results(results: list[dict], path, meta: Optional[dict] = None) -> None:
+def write_results(results: list[dict], path, meta: dict | None = None) -> None:
     """JSON {"meta", "results"}; a bound that overflows (inf) is written as null, keeping the file standard JSON."""
+
     def plain(value):
         return None if isinstance(value, float) and not math.isfinite(value) else value
 

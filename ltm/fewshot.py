@@ -5,11 +5,11 @@ form the prompt, the posterior q(z | prompt) is fitted on it with the inner loop
 JSONL lines: {"question": "...", "answer": "..."} (field names configurable). Prompt layout:
     Q: {question}\nA: {answer}\n\n   (x shots)   Q: {query}\nA:
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -52,9 +52,18 @@ def build_prompt(shots: list[dict], question: str) -> str:
     return "".join(TEMPLATE.format(**s) for s in shots) + QUERY_TEMPLATE.format(question=question)
 
 
-def fewshot_eval(model, examples: list[dict], shots: int = 3, steps: Optional[int] = None,
-                 lr: float = INNER_LOOP.lr, schedule: str = INNER_LOOP.schedule, max_answer_tokens: int = 16, seed: int = 0, limit: Optional[int] = None,
-                 progress: bool = False) -> dict:
+def fewshot_eval(
+    model,
+    examples: list[dict],
+    shots: int = 3,
+    steps: int | None = None,
+    lr: float = INNER_LOOP.lr,
+    schedule: str = INNER_LOOP.schedule,
+    max_answer_tokens: int = 16,
+    seed: int = 0,
+    limit: int | None = None,
+    progress: bool = False,
+) -> dict:
     """Exact-match accuracy; returns {"accuracy", "n", "shots", "records": [{question, answer, prediction, correct}]}.
     `limit` (>= 1, None: all): score the first `limit` questions only."""
     if not examples:
@@ -78,20 +87,28 @@ def fewshot_eval(model, examples: list[dict], shots: int = 3, steps: Optional[in
         ids = [tok.bos_id, *tok.encode(build_prompt(shot_ex, ex["question"]))]
         room = model.cfg.max_seq_len - max_answer_tokens
         if len(ids) > room:
-            raise ValueError(f"example {i}: the prompt has {len(ids)} tokens; with max_answer_tokens="
-                             f"{max_answer_tokens} the context max_seq_len={model.cfg.max_seq_len} allows {room}; "
-                             "use fewer shots")
+            raise ValueError(
+                f"example {i}: the prompt has {len(ids)} tokens; with max_answer_tokens="
+                f"{max_answer_tokens} the context max_seq_len={model.cfg.max_seq_len} allows {room}; "
+                "use fewer shots"
+            )
         prompt = torch.tensor([ids], device=device)
         g = torch.Generator(device=device).manual_seed(seed + i)
-        post = model.infer_posterior(prompt[:, :-1], prompt[:, 1:], steps=steps, lr=lr, schedule=schedule,
-                                     generator=g)
+        post = model.infer_posterior(prompt[:, :-1], prompt[:, 1:], steps=steps, lr=lr, schedule=schedule, generator=g)
         out = generate(model, prompt, post.mu, max_answer_tokens, temperature=0, eos_id=tok.eos_id)
-        new = [t for t in out[0, len(ids):].tolist() if t not in (tok.eos_id, tok.bos_id)]
+        new = [t for t in out[0, len(ids) :].tolist() if t not in (tok.eos_id, tok.bos_id)]
         prediction = tok.decode(new).split("\n")[0].strip()
-        records.append(dict(question=ex["question"], answer=ex["answer"], prediction=prediction,
-                            correct=prediction == ex["answer"].strip()))
+        records.append(
+            dict(
+                question=ex["question"],
+                answer=ex["answer"],
+                prediction=prediction,
+                correct=prediction == ex["answer"].strip(),
+            )
+        )
         bar.update(1)
         bar.set_postfix(accuracy=f"{sum(r['correct'] for r in records) / len(records):.3f}")
     bar.close()
-    return dict(accuracy=sum(r["correct"] for r in records) / len(records), n=len(records), shots=shots,
-                records=records)
+    return dict(
+        accuracy=sum(r["correct"] for r in records) / len(records), n=len(records), shots=shots, records=records
+    )

@@ -8,6 +8,7 @@ mode 0666 minus the umask, like any file a program writes (tempfile.mkstemp woul
 `DirectoryLock` is an exclusive `flock` on `<folder>/.lock`: the kernel drops it when the process ends, even
 on SIGKILL, so a lock is never stale.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -82,7 +83,7 @@ class DirectoryLock:
         self.path = self.folder / self.LOCK_NAME
         self._fd = None
 
-    def acquire(self) -> "DirectoryLock":
+    def acquire(self) -> DirectoryLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -91,11 +92,14 @@ class DirectoryLock:
             os.close(fd)
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
-            raise DirectoryInUseError(f"{self.folder} is in use by another {self.owner} ({holder}); wait for it "
-                                      "to finish or use another folder") from None
+            raise DirectoryInUseError(
+                f"{self.folder} is in use by another {self.owner} ({holder}); wait for it "
+                "to finish or use another folder"
+            ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}, since "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        os.pwrite(
+            fd, f"pid {os.getpid()} on {os.uname().nodename}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0
+        )
         self._fd = fd
         return self
 
@@ -106,7 +110,7 @@ class DirectoryLock:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "DirectoryLock":
+    def __enter__(self) -> DirectoryLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

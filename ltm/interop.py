@@ -5,6 +5,7 @@ Published state dicts use our module names already, up to three variants, normal
 MLP named `w1/w3/w2` (= gate/up/down). `output.weight` is tied to `tok_embeddings.weight`: when both are
 present they must be equal. Files are read with `weights_only=True`: loading never executes code.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,8 @@ import torch
 
 from ltm.config import PRESETS, LTMConfig
 from ltm.files import atomic_write_bytes, atomic_write_text
-from ltm.tokenizer import VOCAB_SIZES
 from ltm.hub import CONFIG_FILE, SAFETENSORS_FILE, config_from_json, config_to_json, resolve_folder
+from ltm.tokenizer import VOCAB_SIZES
 
 _MLP_ALIASES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _TIED_KEY, _EMBED_KEY = "output.weight", "tok_embeddings.weight"
@@ -26,7 +27,7 @@ _TIED_KEY, _EMBED_KEY = "output.weight", "tok_embeddings.weight"
 def canonical_name(name: str) -> str:
     name = name.replace("_orig_mod.", "")
     if name.startswith("module."):
-        name = name[len("module."):]
+        name = name[len("module.") :]
     return re.sub(r"\.feed_forward\.(w1|w2|w3)\.", lambda m: f".feed_forward.{_MLP_ALIASES[m.group(1)]}.", name)
 
 
@@ -46,8 +47,10 @@ def canonical_state_dict(state_dict) -> dict:
         tied = out.pop(_TIED_KEY)
         embed = out.get(_EMBED_KEY)
         if embed is not None and (tied.shape != embed.shape or not torch.equal(tied, embed)):
-            raise ValueError(f"{sources[_TIED_KEY]!r} differs from {sources.get(_EMBED_KEY)!r}; the output "
-                             "projection is tied to the token embedding and must be equal to it")
+            raise ValueError(
+                f"{sources[_TIED_KEY]!r} differs from {sources.get(_EMBED_KEY)!r}; the output "
+                "projection is tied to the token embedding and must be equal to it"
+            )
         if embed is None:
             out[_EMBED_KEY] = tied
     return out
@@ -59,8 +62,11 @@ def load_published_state_dict(model, state_dict) -> None:
     expected = {k: v for k, v in model.state_dict().items() if k != _TIED_KEY}
     missing = sorted(set(expected) - set(incoming))
     unexpected = sorted(set(incoming) - set(expected))
-    wrong_shape = [f"{k}: got {tuple(incoming[k].shape)}, expected {tuple(expected[k].shape)}"
-                   for k in sorted(set(expected) & set(incoming)) if incoming[k].shape != expected[k].shape]
+    wrong_shape = [
+        f"{k}: got {tuple(incoming[k].shape)}, expected {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(incoming))
+        if incoming[k].shape != expected[k].shape
+    ]
     problems = []
     if missing:
         problems.append(f"missing keys: {missing}")
@@ -89,22 +95,45 @@ def _config_from_published(state_dict: dict, model_args: dict, overrides: dict) 
     from_shapes = dict(vocab_size=embed.shape[0], d_model=embed.shape[1], n_layer=len(layer_ids))
     if gate is not None:
         from_shapes["d_ff"] = gate.shape[0]
-    renamed = {"dim": "d_model", "n_layers": "n_layer", "n_heads": "n_head", "vocab_size": "vocab_size",
-               "max_seq_len": "max_seq_len", "window_size": "window_size", "max_z_len": "n_z",
-               "norm_eps": "norm_eps", "rope_theta": "rope_theta"}
+    renamed = {
+        "dim": "d_model",
+        "n_layers": "n_layer",
+        "n_heads": "n_head",
+        "vocab_size": "vocab_size",
+        "max_seq_len": "max_seq_len",
+        "window_size": "window_size",
+        "max_z_len": "n_z",
+        "norm_eps": "norm_eps",
+        "rope_theta": "rope_theta",
+    }
     from_args = {ours: model_args[theirs] for theirs, ours in renamed.items() if model_args.get(theirs) is not None}
-    preset = next((p for p in PRESETS.values() if p["n_layer"] == from_shapes["n_layer"]
-                   and p["d_model"] == from_shapes["d_model"] and p["vocab_size"] == from_shapes["vocab_size"]), {})
+    preset = next(
+        (
+            p
+            for p in PRESETS.values()
+            if p["n_layer"] == from_shapes["n_layer"]
+            and p["d_model"] == from_shapes["d_model"]
+            and p["vocab_size"] == from_shapes["vocab_size"]
+        ),
+        {},
+    )
     # model_args win over shapes: weights that disagree are then reported key by key by the loader.
     # Published checkpoints carry no tokenizer name: theirs is GPT-2, but a vocabulary of exactly the byte
     # tokenizer's size can only be ours (a published-format save of a byte-level model).
-    encoding = model_args.get("encoding") or ("bytes" if from_shapes["vocab_size"] == VOCAB_SIZES["bytes"]
-                                              else "gpt2")
-    values = {"n_head": from_shapes["d_model"] // 64, **preset, **from_shapes, **from_args, "encoding": encoding,
-              **overrides}
+    encoding = model_args.get("encoding") or ("bytes" if from_shapes["vocab_size"] == VOCAB_SIZES["bytes"] else "gpt2")
+    values = {
+        "n_head": from_shapes["d_model"] // 64,
+        **preset,
+        **from_shapes,
+        **from_args,
+        "encoding": encoding,
+        **overrides,
+    }
     if "n_z" not in values:
-        raise ValueError("cannot tell the number of latents from a bare state dict: pass n_z=... "
-                         "(the total count, e.g. from the published model_args max_z_len)")
+        raise ValueError(
+            "cannot tell the number of latents from a bare state dict: pass n_z=... "
+            "(the total count, e.g. from the published model_args max_z_len)"
+        )
     return LTMConfig(**{k: v for k, v in values.items() if k in LTMConfig.__dataclass_fields__})
 
 
@@ -115,8 +144,10 @@ def read_checkpoint(path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"cannot read checkpoint {path} with torch.load(weights_only=True) "
-                         f"(truncated, or not a tensors-only checkpoint): {err}") from err
+        raise ValueError(
+            f"cannot read checkpoint {path} with torch.load(weights_only=True) "
+            f"(truncated, or not a tensors-only checkpoint): {err}"
+        ) from err
 
 
 def from_published_checkpoint(cls, path_or_dict, backend: str = "auto", **config_overrides):

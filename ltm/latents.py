@@ -7,11 +7,12 @@ input checks, and the one non-finite check after a loop.
 Initialisation (Kong et al. 2025): mu ~ N(0, 0.01^2), logvar = -5 + 0.1 N(0, 1), noise ~ N(0, I), drawn
 in that order; `latents_from_normals` maps three standard normals to them, for every caller.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -28,18 +29,16 @@ LOGVAR_INIT_MEAN, LOGVAR_INIT_STD = -5.0, 0.1
 LOGVAR_RANGE, MU_RANGE = (-30.0, 30.0), 1e4
 
 
-
-
 @dataclass(frozen=True)
 class InnerLoopConfig:
     """Settings of one inner loop; the defaults are the published ones (Kong et al. 2025)."""
 
-    steps: Optional[int] = None     # T; None: the model's t_fast
-    lr: float = 0.34                # peak lr of AdamW on (mu, logvar)
-    schedule: str = "cosine"        # one of SCHEDULES; lr_min = lr / 10
+    steps: int | None = None  # T; None: the model's t_fast
+    lr: float = 0.34  # peak lr of AdamW on (mu, logvar)
+    schedule: str = "cosine"  # one of SCHEDULES; lr_min = lr / 10
     weight_decay: float = 0.01
 
-    def check(self) -> "InnerLoopConfig":
+    def check(self) -> InnerLoopConfig:
         check_loop_settings(0 if self.steps is None else self.steps, self.lr, self.schedule, self.weight_decay)
         return self
 
@@ -53,12 +52,12 @@ class NonFiniteError(RuntimeError):
 
 @dataclass
 class Posterior:
-    mu: torch.Tensor       # (B, n_z, d)
-    logvar: torch.Tensor   # (B, n_z, d)
-    z: torch.Tensor        # (B, n_z, d): mu + noise * exp(logvar / 2) at the final parameters
-    noise: torch.Tensor    # (B, n_z, d): the fixed noise of this loop
-    nll: torch.Tensor      # (B,): summed CE over tokens at the final z
-    kl: torch.Tensor       # (B,): summed KL over latent dims at the final parameters
+    mu: torch.Tensor  # (B, n_z, d)
+    logvar: torch.Tensor  # (B, n_z, d)
+    z: torch.Tensor  # (B, n_z, d): mu + noise * exp(logvar / 2) at the final parameters
+    noise: torch.Tensor  # (B, n_z, d): the fixed noise of this loop
+    nll: torch.Tensor  # (B,): summed CE over tokens at the final z
+    kl: torch.Tensor  # (B,): summed KL over latent dims at the final parameters
 
     @property
     def nelbo(self) -> torch.Tensor:
@@ -88,8 +87,10 @@ def check_inputs(model, tokens, targets, mu, logvar, noise):
     if targets.shape != tokens.shape:
         raise ValueError(f"targets must have the shape of tokens {tuple(tokens.shape)}, got {tuple(targets.shape)}")
     batch, dtype = tokens.shape[0], _param_dtype(model)
-    latents = [None if x is None else model.check_latent(x, batch, name).to(dtype)
-               for x, name in ((mu, "mu"), (logvar, "logvar"), (noise, "noise"))]
+    latents = [
+        None if x is None else model.check_latent(x, batch, name).to(dtype)
+        for x, name in ((mu, "mu"), (logvar, "logvar"), (noise, "noise"))
+    ]
     return (tokens, targets, *latents)
 
 
@@ -104,8 +105,9 @@ def check_loop_settings(steps, lr, schedule, weight_decay) -> None:
         raise ValueError(f"weight_decay must be a finite non-negative number, got {weight_decay!r}")
 
 
-def raise_if_non_finite(what: str, post: Posterior, mu0, logvar0, steps: int = 0, lr: float = 0.0,
-                        schedule: str = INNER_LOOP.schedule) -> None:
+def raise_if_non_finite(
+    what: str, post: Posterior, mu0, logvar0, steps: int = 0, lr: float = 0.0, schedule: str = INNER_LOOP.schedule
+) -> None:
     """NonFiniteError if any term of `post` is nan/inf, naming them and suggesting a smaller lr or initial
     (mu0, logvar0) in range. One host read, after the loop: nothing inside a loop or a CUDA graph waits."""
     terms = {"nll (the CE term)": post.nll, "kl": post.kl, "mu": post.mu, "logvar": post.logvar, "z": post.z}
@@ -121,13 +123,17 @@ def raise_if_non_finite(what: str, post: Posterior, mu0, logvar0, steps: int = 0
     if not mu_max <= MU_RANGE:
         hints.append(f"|mu| <= {MU_RANGE:g} (given: up to {mu_max:.3g})")
     if steps > 0 and lr > 0:
-        hints.append(f"a smaller lr (given: lr={lr:g}, schedule={schedule!r}, steps={steps}; published: "
-                     f"lr={INNER_LOOP.lr}, {INNER_LOOP.schedule!r})")
+        hints.append(
+            f"a smaller lr (given: lr={lr:g}, schedule={schedule!r}, steps={steps}; published: "
+            f"lr={INNER_LOOP.lr}, {INNER_LOOP.schedule!r})"
+        )
     loop = f"the inner loop diverged: after {steps} steps " if what == "infer_posterior" else ""
-    raise NonFiniteError(f"{what}: {loop}{names} became non-finite (nan/inf); use "
-                         f"{' or '.join(hints) or 'finite inputs of moderate size'}. The prior is N(0, I); the "
-                         f"published initialisation is mu ~ N(0, {MU_INIT_STD}^2), logvar = {LOGVAR_INIT_MEAN:g} "
-                         f"+ {LOGVAR_INIT_STD} N(0, 1). (check_finite=False returns the values as they are.)")
+    raise NonFiniteError(
+        f"{what}: {loop}{names} became non-finite (nan/inf); use "
+        f"{' or '.join(hints) or 'finite inputs of moderate size'}. The prior is N(0, I); the "
+        f"published initialisation is mu ~ N(0, {MU_INIT_STD}^2), logvar = {LOGVAR_INIT_MEAN:g} "
+        f"+ {LOGVAR_INIT_STD} N(0, 1). (check_finite=False returns the values as they are.)"
+    )
 
 
 def latents_from_normals(n_mu: torch.Tensor, n_logvar: torch.Tensor, n_noise: torch.Tensor) -> tuple:
@@ -135,15 +141,16 @@ def latents_from_normals(n_mu: torch.Tensor, n_logvar: torch.Tensor, n_noise: to
     return n_mu * MU_INIT_STD, LOGVAR_INIT_MEAN + LOGVAR_INIT_STD * n_logvar, n_noise
 
 
-def draw_latents(model, batch: int, mu, logvar, noise, generator: Optional[torch.Generator]):
+def draw_latents(model, batch: int, mu, logvar, noise, generator: torch.Generator | None):
     """(mu, logvar, noise) for one loop: the given tensors as they are, the others drawn as documented, in
     this order from `generator`: mu ~ N(0, 0.01^2), logvar = -5 + 0.1 N(0, 1), noise ~ N(0, I)."""
     cfg = model.cfg
     shape = (batch, cfg.n_z, cfg.d_model)
     factory = dict(device=model.tok_embeddings.weight.device, dtype=_param_dtype(model))
     given = (mu, logvar, noise)
-    initial = latents_from_normals(*(torch.randn(shape, generator=generator, **factory) if x is None else x
-                                     for x in given))
+    initial = latents_from_normals(
+        *(torch.randn(shape, generator=generator, **factory) if x is None else x for x in given)
+    )
     return tuple(init if x is None else x for x, init in zip(given, initial))
 
 

@@ -5,19 +5,19 @@ Module and parameter names follow the published implementation (`tok_embeddings`
 ...), so `state_dict()` is already in the published naming; `ltm.interop` only normalises variants.
 Every hot op goes through `self.ops`, chosen once by `ltm.backends` (the one dispatch point).
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
 
 from ltm import backends
+from ltm.backends import rope_tables
 from ltm.config import LTMConfig
 from ltm.latents import INNER_LOOP
-from ltm.backends import rope_tables
 
 
 class RMSNorm(nn.Module):
@@ -33,7 +33,8 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Projections of one attention block; the attention itself is a backend op."""
+    """One attention block: its projections around an attention that is a backend op, passed in as `attend`
+    (sliding-window self-attention, latent cross-attention, or decoding against a KV cache)."""
 
     def __init__(self, cfg: LTMConfig):
         super().__init__()
@@ -43,6 +44,10 @@ class Attention(nn.Module):
         self.wk = nn.Linear(d, d, bias=False)
         self.wv = nn.Linear(d, d, bias=False)
         self.wo = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: torch.Tensor, attend, ops: backends.Ops) -> torch.Tensor:
+        """(B, L, d) -> (B, L, d): q, k, v of x, `attend(q, k, v)` -> heads (B, H, L, hd), output projection."""
+        return self.output(attend(*self.project_qkv(x, ops)), ops)
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, d) -> (B, H, L, hd)
         return x.unflatten(-1, (self.n_head, -1)).transpose(1, 2)
@@ -80,7 +85,7 @@ class FeedForward(nn.Module):
 class DecoderLayer(nn.Module):
     """One pre-norm block: sliding-window self-attention, cross-attention to the layer's latents, SwiGLU MLP,
     each with a residual. The stages are separate methods because the inner loop computes layer 0's first
-    two (which do not depend on z) once per loop, and KV-cache decoding brings its own self-attention."""
+    two (which do not depend on z) once per loop, and KV-cache decoding attends against its cache."""
 
     def __init__(self, cfg: LTMConfig):
         super().__init__()
@@ -92,31 +97,42 @@ class DecoderLayer(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x, z_layer, rope_tokens, rope_latents, window: int, ops: backends.Ops):
-        q, k, v = self.attention.project_qkv(self.attention_norm(x, ops), ops)
-        attn = ops.self_attention(q, k, v, *rope_tokens, window)
-        return self.after_self_attention(x, attn, self.latent_kv(z_layer, ops), rope_tokens, rope_latents, ops)
+        return self.after_self_attention(
+            x,
+            self.self_attention(x, rope_tokens, window, ops),
+            self.latent_kv(z_layer, ops),
+            rope_tokens,
+            rope_latents,
+            ops,
+        )
+
+    def self_attention(self, x, rope_tokens, window: int, ops: backends.Ops):
+        """The self-attention branch (B, N, d) of the block's input x (B, N, d), before its residual."""
+        return self.attention(
+            self.attention_norm(x, ops), lambda q, k, v: ops.self_attention(q, k, v, *rope_tokens, window), ops
+        )
 
     def latent_kv(self, z_layer: torch.Tensor, ops: backends.Ops):
         """Keys and values (B, H, n_z_per_layer, hd) of the layer's latents (B, n_z_per_layer, d)."""
         ca = self.cross_attention
         return ca.project(z_layer, ca.wk, ops), ca.project(z_layer, ca.wv, ops)
 
-    def cross_attention_query(self, x, attn, ops: backends.Ops):
-        """Residual of the self-attention output, and the cross-attention query: (h, q (B, H, N, hd))."""
-        h_norm, h = ops.add_rms_norm(x, self.attention.output(attn, ops), self.cross_attention_norm.weight,
-                                     self.cross_attention_norm.eps)
+    def cross_attention_query(self, x, attended, ops: backends.Ops):
+        """The residual h = x + attended (the self-attention branch), and the cross-attention query
+        (h, q (B, H, N, hd))."""
+        h_norm, h = ops.add_rms_norm(x, attended, self.cross_attention_norm.weight, self.cross_attention_norm.eps)
         return h, self.cross_attention.project(h_norm, self.cross_attention.wq, ops)
 
     def after_cross_attention_query(self, h, q, latent_kv, rope_queries, rope_latents, ops: backends.Ops):
         """Cross-attention to the layer's latents (k, v given) with its residual, then the SwiGLU MLP."""
         attn = ops.latent_attention(q, *latent_kv, *rope_queries, *rope_latents)
-        h_norm, h = ops.add_rms_norm(h, self.cross_attention.output(attn, ops), self.ffn_norm.weight,
-                                     self.ffn_norm.eps)
+        h_norm, h = ops.add_rms_norm(h, self.cross_attention.output(attn, ops), self.ffn_norm.weight, self.ffn_norm.eps)
         return h + self.feed_forward(h_norm, ops)
 
-    def after_self_attention(self, x, attn, latent_kv, rope_queries, rope_latents, ops: backends.Ops):
-        """The rest of the block once self-attention is done (shared with KV-cache decoding)."""
-        h, q = self.cross_attention_query(x, attn, ops)
+    def after_self_attention(self, x, attended, latent_kv, rope_queries, rope_latents, ops: backends.Ops):
+        """The rest of the block once the self-attention branch `attended` (B, N, d) is done (shared with
+        KV-cache decoding)."""
+        h, q = self.cross_attention_query(x, attended, ops)
         return self.after_cross_attention_query(h, q, latent_kv, rope_queries, rope_latents, ops)
 
 
@@ -124,12 +140,12 @@ class DecoderLayer(nn.Module):
 class KVCache:
     """Decoding state of LTMDecoder.decode_step (see init_kv_cache)."""
 
-    latent_kv: list          # per layer: (k, v) of its latents, each (B, H, n_z_per_layer, hd), RoPE not applied
-    k: torch.Tensor          # (n_layer, B, H, S, hd): self-attention keys of the last S positions, RoPE not applied
-    v: torch.Tensor          # (n_layer, B, H, S, hd)
-    slot_pos: torch.Tensor   # (S,): the position each slot holds (-1: empty)
+    latent_kv: list  # per layer: (k, v) of its latents, each (B, H, n_z_per_layer, hd), RoPE not applied
+    k: torch.Tensor  # (n_layer, B, H, S, hd): self-attention keys of the last S positions, RoPE not applied
+    v: torch.Tensor  # (n_layer, B, H, S, hd)
+    slot_pos: torch.Tensor  # (S,): the position each slot holds (-1: empty)
     max_len: int
-    position: int = 0        # tokens consumed so far
+    position: int = 0  # tokens consumed so far
 
 
 class LTMDecoder(nn.Module):
@@ -152,7 +168,7 @@ class LTMDecoder(nn.Module):
 
     # ---------------------------------------------------------------- init and bookkeeping
     @torch.no_grad()
-    def reset_parameters(self, generator: Optional[torch.Generator] = None):
+    def reset_parameters(self, generator: torch.Generator | None = None):
         """Published init: every Linear/Embedding ~ N(0, 0.02); attention `wo` and the MLP up projection
         re-drawn with std 0.02 / sqrt(2 n_layer) (residual-branch scaling); norm weights 1."""
         if self.tok_embeddings.weight.is_meta:
@@ -194,8 +210,10 @@ class LTMDecoder(nn.Module):
             cfg = self.cfg
             tokens = torch.arange(n_tokens, device=device)
             latents = torch.arange(cfg.n_z_per_layer, device=device) * cfg.latent_stride
-            self._rope_cache[key] = (rope_tables(tokens, cfg.head_dim, cfg.rope_theta, table_dtype),
-                                     rope_tables(latents, cfg.head_dim, cfg.rope_theta, table_dtype))
+            self._rope_cache[key] = (
+                rope_tables(tokens, cfg.head_dim, cfg.rope_theta, table_dtype),
+                rope_tables(latents, cfg.head_dim, cfg.rope_theta, table_dtype),
+            )
         return self._rope_cache[key]
 
     def _apply(self, fn, recurse=True):
@@ -215,8 +233,9 @@ class LTMDecoder(nn.Module):
         if tokens.shape[0] == 0 or tokens.shape[1] == 0:
             raise ValueError(f"{name} must be non-empty, got shape {tuple(tokens.shape)}")
         if tokens.shape[1] > cfg.max_seq_len:
-            raise ValueError(f"{name} has {tokens.shape[1]} positions, longer than the context "
-                             f"max_seq_len={cfg.max_seq_len}")
+            raise ValueError(
+                f"{name} has {tokens.shape[1]} positions, longer than the context max_seq_len={cfg.max_seq_len}"
+            )
         device = self.tok_embeddings.weight.device
         if tokens.device != device:
             raise ValueError(f"{name} is on {tokens.device} but the model is on {device}")
@@ -253,11 +272,9 @@ class LTMDecoder(nn.Module):
         ops, layer = self.ops, self.layers[0]
         x = self.tok_embeddings(tokens)
         rope_tokens, _ = self._rope(tokens.shape[1], x.device, x.dtype)
-        q, k, v = layer.attention.project_qkv(layer.attention_norm(x, ops), ops)
-        attn = ops.self_attention(q, k, v, *rope_tokens, self.cfg.window_size)
-        return layer.cross_attention_query(x, attn, ops)
+        return layer.cross_attention_query(x, layer.self_attention(x, rope_tokens, self.cfg.window_size, ops), ops)
 
-    def hidden_states(self, tokens: torch.Tensor, z: torch.Tensor, prefix: Optional[tuple] = None) -> torch.Tensor:
+    def hidden_states(self, tokens: torch.Tensor, z: torch.Tensor, prefix: tuple | None = None) -> torch.Tensor:
         """Final-normed hidden states (B, N, d), no input checks (inner loops validate once, up front).
         `prefix`: `latent_free_prefix(tokens)` when the caller already has it."""
         cfg, ops = self.cfg, self.ops
@@ -276,8 +293,9 @@ class LTMDecoder(nn.Module):
         z = self.check_latent(z, tokens.shape[0], "z")
         return self.output(self.hidden_states(tokens, z))
 
-    def sequence_nll(self, tokens: torch.Tensor, targets: torch.Tensor, z: torch.Tensor,
-                     prefix: Optional[tuple] = None) -> torch.Tensor:
+    def sequence_nll(
+        self, tokens: torch.Tensor, targets: torch.Tensor, z: torch.Tensor, prefix: tuple | None = None
+    ) -> torch.Tensor:
         """Per-sequence summed cross-entropy (B,); targets == -1 are ignored. No input checks. `prefix`: as
         for hidden_states."""
         h = self.hidden_states(tokens, z, prefix)
@@ -290,41 +308,70 @@ class LTMDecoder(nn.Module):
 
         return elbo_terms(self, tokens, targets, mu, logvar, noise, check_finite=check_finite)
 
-    def infer_posterior(self, tokens, targets, steps=INNER_LOOP.steps, lr=INNER_LOOP.lr,
-                        schedule=INNER_LOOP.schedule, weight_decay=INNER_LOOP.weight_decay, mu=None, logvar=None, noise=None, generator=None, check_finite=True):
+    def infer_posterior(
+        self,
+        tokens,
+        targets,
+        steps=INNER_LOOP.steps,
+        lr=INNER_LOOP.lr,
+        schedule=INNER_LOOP.schedule,
+        weight_decay=INNER_LOOP.weight_decay,
+        mu=None,
+        logvar=None,
+        noise=None,
+        generator=None,
+        check_finite=True,
+    ):
         """Fit q(z | x) = N(mu, diag exp(logvar)) with the fast inner loop (docs/model.md, 'The inner loop').
         `check_finite`: raise ltm.posterior.NonFiniteError when the loop diverges (one check, after it)."""
         from ltm.posterior import infer_posterior
 
-        return infer_posterior(self, tokens, targets, steps=steps, lr=lr, schedule=schedule,
-                               weight_decay=weight_decay, mu=mu, logvar=logvar, noise=noise, generator=generator,
-                               check_finite=check_finite)
+        return infer_posterior(
+            self,
+            tokens,
+            targets,
+            steps=steps,
+            lr=lr,
+            schedule=schedule,
+            weight_decay=weight_decay,
+            mu=mu,
+            logvar=logvar,
+            noise=noise,
+            generator=generator,
+            check_finite=check_finite,
+        )
 
     # ---------------------------------------------------------------- KV-cache decoding (generation)
     # Each new token costs one small forward: the latents' keys/values are projected once per sequence, and
     # the self-attention keys/values of the last `window_size` positions live in a ring buffer (slot =
     # position % size). A query at position p attends to exactly the cached positions p-W+1..p, so the
     # backend's `latent_attention` op (unmasked, separate RoPE tables for queries and keys) computes it.
-    def init_kv_cache(self, z: torch.Tensor, max_len: int) -> "KVCache":
+    def init_kv_cache(self, z: torch.Tensor, max_len: int) -> KVCache:
         """An empty cache for decoding up to `max_len` (<= max_seq_len) tokens given latents z (B, n_z, d)."""
         cfg = self.cfg
         if not isinstance(max_len, int) or not 0 < max_len <= cfg.max_seq_len:
             raise ValueError(f"max_len must be an int in [1, max_seq_len={cfg.max_seq_len}], got {max_len!r}")
         dtype, device = self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device
         if not isinstance(z, torch.Tensor) or z.dim() not in (3, 4):
-            raise ValueError(f"z must be a tensor of shape (B, {cfg.n_z}, {cfg.d_model}) or (B, {cfg.n_layer}, "
-                             f"{cfg.n_z_per_layer}, {cfg.d_model}), got "
-                             f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+            raise ValueError(
+                f"z must be a tensor of shape (B, {cfg.n_z}, {cfg.d_model}) or (B, {cfg.n_layer}, "
+                f"{cfg.n_z_per_layer}, {cfg.d_model}), got "
+                f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}"
+            )
         batch = z.shape[0]
         z = self.check_latent(z, batch, "z").to(dtype).view(batch, cfg.n_layer, cfg.n_z_per_layer, cfg.d_model)
         latent_kv = [layer.latent_kv(z[:, i], self.ops) for i, layer in enumerate(self.layers)]
         size = min(cfg.window_size, max_len)
         shape = (cfg.n_layer, batch, cfg.n_head, size, cfg.head_dim)
-        return KVCache(latent_kv=latent_kv, k=torch.zeros(shape, dtype=dtype, device=device),
-                       v=torch.zeros(shape, dtype=dtype, device=device),
-                       slot_pos=torch.full((size,), -1, dtype=torch.long, device=device), max_len=max_len)
+        return KVCache(
+            latent_kv=latent_kv,
+            k=torch.zeros(shape, dtype=dtype, device=device),
+            v=torch.zeros(shape, dtype=dtype, device=device),
+            slot_pos=torch.full((size,), -1, dtype=torch.long, device=device),
+            max_len=max_len,
+        )
 
-    def decode_step(self, tokens: torch.Tensor, cache: "KVCache") -> torch.Tensor:
+    def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (B, L, vocab) of `tokens` (B, L) at positions cache.position.. (given everything cached
         before); appends them to the cache. L > 1 after the first call runs token by token."""
         tokens = self.check_tokens(tokens)
@@ -332,30 +379,34 @@ class LTMDecoder(nn.Module):
         if batch != cache.k.shape[1]:
             raise ValueError(f"tokens has batch {batch} but the cache was made for batch {cache.k.shape[1]}")
         if cache.position + n > cache.max_len:
-            raise ValueError(f"tokens would take the cache to {cache.position + n} positions, beyond its "
-                             f"max_len={cache.max_len}")
+            raise ValueError(
+                f"tokens would take the cache to {cache.position + n} positions, beyond its max_len={cache.max_len}"
+            )
         if cache.position > 0 and n > 1:
-            return torch.cat([self.decode_step(tokens[:, i:i + 1], cache) for i in range(n)], dim=1)
+            return torch.cat([self.decode_step(tokens[:, i : i + 1], cache) for i in range(n)], dim=1)
         cfg, ops = self.cfg, self.ops
         x = self.tok_embeddings(tokens)
         (cos, sin), rope_latents = self._rope(cache.max_len, x.device, x.dtype)
         p, size = cache.position, cache.k.shape[3]
-        cos_q, sin_q = cos[p:p + n], sin[p:p + n]
+        cos_q, sin_q = cos[p : p + n], sin[p : p + n]
         # Slots written by this call: the last `size` of its positions.
         new_pos = torch.arange(max(p, p + n - size), p + n, device=x.device)
         slots = new_pos % size
         cache.slot_pos[slots] = new_pos
         for i, layer in enumerate(self.layers):
-            q, k, v = layer.attention.project_qkv(layer.attention_norm(x, ops), ops)
-            cache.k[i][:, :, slots], cache.v[i][:, :, slots] = k[:, :, -len(slots):], v[:, :, -len(slots):]
-            if p == 0:  # prefill from position 0: exactly the full forward's attention
-                attn = ops.self_attention(q, k, v, cos_q, sin_q, cfg.window_size)
-            else:  # one token: all valid slots hold exactly its window
-                valid = min(p + 1, size)
+
+            def attend(q, k, v, i=i):
+                cache.k[i][:, :, slots], cache.v[i][:, :, slots] = k[:, :, -len(slots) :], v[:, :, -len(slots) :]
+                if p == 0:  # prefill from position 0: exactly the full forward's attention
+                    return ops.self_attention(q, k, v, cos_q, sin_q, cfg.window_size)
+                valid = min(p + 1, size)  # one token: all valid slots hold exactly its window
                 kp = cache.slot_pos[:valid]
-                attn = backends.decode_attention(ops, valid)(q, cache.k[i][:, :, :valid], cache.v[i][:, :, :valid],
-                                                             cos_q, sin_q, cos[kp], sin[kp])
-            x = layer.after_self_attention(x, attn, cache.latent_kv[i], (cos_q, sin_q), rope_latents, ops)
+                return backends.decode_attention(ops, valid)(
+                    q, cache.k[i][:, :, :valid], cache.v[i][:, :, :valid], cos_q, sin_q, cos[kp], sin[kp]
+                )
+
+            attended = layer.attention(layer.attention_norm(x, ops), attend, ops)
+            x = layer.after_self_attention(x, attended, cache.latent_kv[i], (cos_q, sin_q), rope_latents, ops)
         cache.position = p + n
         return self.output(self.norm(x, ops))
 
@@ -366,7 +417,7 @@ class LTMDecoder(nn.Module):
         load_published_state_dict(self, state_dict)
 
     @classmethod
-    def from_published_checkpoint(cls, path_or_dict, backend: str = "auto", **config_overrides) -> "LTMDecoder":
+    def from_published_checkpoint(cls, path_or_dict, backend: str = "auto", **config_overrides) -> LTMDecoder:
         from ltm.interop import from_published_checkpoint
 
         return from_published_checkpoint(cls, path_or_dict, backend=backend, **config_overrides)
@@ -377,7 +428,7 @@ class LTMDecoder(nn.Module):
         save_pretrained(self, directory)
 
     @classmethod
-    def from_pretrained(cls, directory, backend: str = "auto", encoding: Optional[str] = None, **hub_options):
+    def from_pretrained(cls, directory, backend: str = "auto", encoding: str | None = None, **hub_options):
         from ltm.interop import from_pretrained  # directory: a save_pretrained folder, or a Hub repo id (ltm.hub)
 
         return from_pretrained(cls, directory, backend=backend, encoding=encoding, **hub_options)

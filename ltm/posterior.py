@@ -22,39 +22,69 @@ With logvar starting near -5, the cosine schedule at T = 16 cannot move logvar f
 KL floor near 0.47 nats per latent dimension; at T = 64 it does not. Raise `lr`, use `constant`, or run
 more steps when the posterior variance matters.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 
 from ltm.engine import cached_inner_loop
-from ltm.latents import (ADAM_BETAS, ADAM_EPS, INNER_LOOP, LOGVAR_INIT_MEAN, LOGVAR_INIT_STD, MU_INIT_STD,
-                         SCHEDULES, InnerLoopConfig, NonFiniteError, Posterior, check_inputs, check_loop_settings,
-                         draw_latents, kl_divergence, raise_if_non_finite, scheduled_lr)
+from ltm.latents import (
+    ADAM_BETAS,
+    ADAM_EPS,
+    INNER_LOOP,
+    LOGVAR_INIT_MEAN,
+    LOGVAR_INIT_STD,
+    MU_INIT_STD,
+    SCHEDULES,
+    InnerLoopConfig,
+    NonFiniteError,
+    Posterior,
+    check_inputs,
+    check_loop_settings,
+    draw_latents,
+    kl_divergence,
+    raise_if_non_finite,
+    scheduled_lr,
+)
 
-__all__ = ["ADAM_BETAS", "ADAM_EPS", "INNER_LOOP", "LOGVAR_INIT_MEAN", "LOGVAR_INIT_STD", "MU_INIT_STD", "SCHEDULES",
-           "InnerLoopConfig", "NonFiniteError", "Posterior", "eager_inner_loop", "elbo_terms", "infer_posterior",
-           "kl_divergence", "scheduled_lr"]
+__all__ = [
+    "ADAM_BETAS",
+    "ADAM_EPS",
+    "INNER_LOOP",
+    "LOGVAR_INIT_MEAN",
+    "LOGVAR_INIT_STD",
+    "MU_INIT_STD",
+    "SCHEDULES",
+    "InnerLoopConfig",
+    "NonFiniteError",
+    "Posterior",
+    "eager_inner_loop",
+    "elbo_terms",
+    "infer_posterior",
+    "kl_divergence",
+    "scheduled_lr",
+]
 
 
 def elbo_terms(model, tokens, targets, mu, logvar, noise, check_finite: bool = True):
     """LTMDecoder.elbo_terms: (nll, kl), each (B,), at z = mu + noise * exp(logvar / 2)."""
     for x, name in ((mu, "mu"), (logvar, "logvar"), (noise, "noise")):
         if x is None:
-            raise ValueError(f"elbo_terms: {name} is required, a tensor of shape (B, n_z, d) (e.g. the "
-                             f"Posterior.{name} of infer_posterior), got None")
+            raise ValueError(
+                f"elbo_terms: {name} is required, a tensor of shape (B, n_z, d) (e.g. the "
+                f"Posterior.{name} of infer_posterior), got None"
+            )
     tokens, targets, mu, logvar, noise = check_inputs(model, tokens, targets, mu, logvar, noise)
     z = mu + noise * torch.exp(0.5 * logvar)
     nll, kl = model.sequence_nll(tokens, targets, z), kl_divergence(mu, logvar)
     if check_finite:
-        raise_if_non_finite("elbo_terms", Posterior(mu=mu, logvar=logvar, z=z, noise=noise, nll=nll, kl=kl),
-                            mu, logvar)
+        raise_if_non_finite("elbo_terms", Posterior(mu=mu, logvar=logvar, z=z, noise=noise, nll=nll, kl=kl), mu, logvar)
     return nll, kl
 
 
-def eager_inner_loop(model, tokens, targets, steps: int, lr: float, schedule: str, weight_decay: float,
-                     mu, logvar, noise) -> Posterior:
+def eager_inner_loop(
+    model, tokens, targets, steps: int, lr: float, schedule: str, weight_decay: float, mu, logvar, noise
+) -> Posterior:
     """The inner loop in plain Python over the backend ops: the reference path. Updates mu, logvar in place
     (callers pass tensors of their own)."""
     ops = model.ops
@@ -67,16 +97,41 @@ def eager_inner_loop(model, tokens, targets, steps: int, lr: float, schedule: st
             with torch.enable_grad():
                 nll = model.sequence_nll(tokens, targets, z_leaf)
                 (grad_z,) = torch.autograd.grad(nll.sum(), z_leaf)
-            ops.posterior_step(mu, logvar, *moments, z, grad_z, noise, step, lr, steps, SCHEDULES.index(schedule),
-                               ADAM_BETAS[0], ADAM_BETAS[1], ADAM_EPS, weight_decay)
+            ops.posterior_step(
+                mu,
+                logvar,
+                *moments,
+                z,
+                grad_z,
+                noise,
+                step,
+                lr,
+                steps,
+                SCHEDULES.index(schedule),
+                ADAM_BETAS[0],
+                ADAM_BETAS[1],
+                ADAM_EPS,
+                weight_decay,
+            )
         nll = model.sequence_nll(tokens, targets, z)
         kl = kl_divergence(mu, logvar)
     return Posterior(mu=mu, logvar=logvar, z=z, noise=noise, nll=nll, kl=kl)
 
 
-def infer_posterior(model, tokens, targets, steps: Optional[int] = INNER_LOOP.steps, lr: float = INNER_LOOP.lr,
-                    schedule: str = INNER_LOOP.schedule, weight_decay: float = INNER_LOOP.weight_decay, mu=None, logvar=None, noise=None,
-                    generator: Optional[torch.Generator] = None, check_finite: bool = True) -> Posterior:
+def infer_posterior(
+    model,
+    tokens,
+    targets,
+    steps: int | None = INNER_LOOP.steps,
+    lr: float = INNER_LOOP.lr,
+    schedule: str = INNER_LOOP.schedule,
+    weight_decay: float = INNER_LOOP.weight_decay,
+    mu=None,
+    logvar=None,
+    noise=None,
+    generator: torch.Generator | None = None,
+    check_finite: bool = True,
+) -> Posterior:
     """LTMDecoder.infer_posterior: the eager loop for backend="eager", else the engine (ltm.engine), cached
     per model and loop shape (on CUDA its graph is captured on the first call of a shape and replayed after).
     `check_finite`: raise NonFiniteError when the result holds nan/inf (checked once, after the loop)."""
@@ -84,10 +139,12 @@ def infer_posterior(model, tokens, targets, steps: Optional[int] = INNER_LOOP.st
         # The loop differentiates the decoder with respect to z, which inference tensors forbid: run it with
         # inference mode off, on ordinary copies of the inputs; the results are ordinary tensors.
         with torch.inference_mode(False):
-            tokens, targets, mu, logvar, noise = (x.clone() if isinstance(x, torch.Tensor) else x
-                                                  for x in (tokens, targets, mu, logvar, noise))
-            return infer_posterior(model, tokens, targets, steps, lr, schedule, weight_decay, mu, logvar, noise,
-                                   generator, check_finite)
+            tokens, targets, mu, logvar, noise = (
+                x.clone() if isinstance(x, torch.Tensor) else x for x in (tokens, targets, mu, logvar, noise)
+            )
+            return infer_posterior(
+                model, tokens, targets, steps, lr, schedule, weight_decay, mu, logvar, noise, generator, check_finite
+            )
     steps = model.cfg.t_fast if steps is None else steps
     check_loop_settings(steps, lr, schedule, weight_decay)
     tokens, targets, mu, logvar, noise = check_inputs(model, tokens, targets, mu, logvar, noise)
@@ -98,8 +155,18 @@ def infer_posterior(model, tokens, targets, steps: Optional[int] = INNER_LOOP.st
     else:
         mu, logvar, noise = draw_latents(model, tokens.shape[0], mu, logvar, noise, generator)
         # Clones: the loop updates in place and must never write into the caller's tensors.
-        post = eager_inner_loop(model, tokens, targets, steps, lr, schedule, weight_decay,
-                                mu.detach().clone(), logvar.detach().clone(), noise.detach().clone())
+        post = eager_inner_loop(
+            model,
+            tokens,
+            targets,
+            steps,
+            lr,
+            schedule,
+            weight_decay,
+            mu.detach().clone(),
+            logvar.detach().clone(),
+            noise.detach().clone(),
+        )
     if check_finite:
         raise_if_non_finite("infer_posterior", post, mu, logvar, steps, lr, schedule)
     return post

@@ -3,6 +3,7 @@
 A bar is drawn only when progress is on (`--no-progress` turns it off) and stderr is a terminal: logs,
 pipes and CI output stay free of carriage-return noise. `note` prints a line without breaking a bar.
 """
+
 from __future__ import annotations
 
 import sys

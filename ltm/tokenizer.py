@@ -13,6 +13,7 @@ Documents are encoded ``[BOS] + text + [EOS]`` and concatenated. Token ids mean 
 encoding, so the encoding name is recorded in every dataset and checkpoint, and `check_encoding` refuses
 to run a model with a different tokenizer than it was trained with.
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,8 +21,8 @@ import hashlib
 import operator
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
@@ -35,10 +36,14 @@ EOS_TOKEN = "<|endoftext|>"
 
 # GPT-2 BPE files as tiktoken (tiktoken_ext/openai_public.py) fetches them, with their sha256. Kept here so
 # we can tell whether they are cached without calling tiktoken's downloader, and fetch them with a timeout.
-_GPT2_VOCAB_BPE = ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
-                   "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5")
-_GPT2_ENCODER_JSON = ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
-                      "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783")
+_GPT2_VOCAB_BPE = (
+    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+    "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+)
+_GPT2_ENCODER_JSON = (
+    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+    "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+)
 _GPT2_FILES = (_GPT2_VOCAB_BPE, _GPT2_ENCODER_JSON)
 # tiktoken's gpt2 / r50k_base pattern (equivalent to the original GPT-2 regex, faster).
 _GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
@@ -95,8 +100,10 @@ def _load_gpt2() -> tiktoken.Encoding:
         if cache_dir:
             _prefetch_gpt2_files(cache_dir)
         ranks = data_gym_to_mergeable_bpe_ranks(
-            vocab_bpe_file=_GPT2_VOCAB_BPE[0], vocab_bpe_hash=_GPT2_VOCAB_BPE[1],
-            encoder_json_file=_GPT2_ENCODER_JSON[0], encoder_json_hash=_GPT2_ENCODER_JSON[1],
+            vocab_bpe_file=_GPT2_VOCAB_BPE[0],
+            vocab_bpe_hash=_GPT2_VOCAB_BPE[1],
+            encoder_json_file=_GPT2_ENCODER_JSON[0],
+            encoder_json_hash=_GPT2_ENCODER_JSON[1],
         )
     except OSError as e:  # requests' ConnectionError / Timeout / HTTPError are OSErrors too
         raise RuntimeError(
@@ -125,7 +132,7 @@ def _load_bytes() -> tiktoken.Encoding:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_encoding(name: str) -> tiktoken.Encoding:
     """The `tiktoken.Encoding` called `name` (one of ENCODINGS). Only "gpt2" may touch the network."""
     if name == "gpt2":
@@ -148,8 +155,10 @@ def check_vocab(cfg, what: str = "the model") -> None:
     """Refuse a model config whose vocabulary cannot hold every id of its tokenizer (cfg.encoding)."""
     need = VOCAB_SIZES[cfg.encoding]
     if cfg.vocab_size < need:
-        raise ValueError(f"{what} has vocab_size={cfg.vocab_size}, smaller than the {need} ids of its tokenizer "
-                         f"{cfg.encoding!r}; use vocab_size >= {need} (or another encoding)")
+        raise ValueError(
+            f"{what} has vocab_size={cfg.vocab_size}, smaller than the {need} ids of its tokenizer "
+            f"{cfg.encoding!r}; use vocab_size >= {need} (or another encoding)"
+        )
 
 
 @dataclass(frozen=True)
@@ -186,8 +195,10 @@ class Tokenizer:
 
     def encode_documents(self, texts: Iterable[str]) -> list[int]:
         if isinstance(texts, str):  # iterating a str would make one document per character
-            raise TypeError("encode_documents expects an iterable of strings, got a single str; "
-                            "use encode_document for one document")
+            raise TypeError(
+                "encode_documents expects an iterable of strings, got a single str; "
+                "use encode_document for one document"
+            )
         return [i for text in texts for i in self.encode_document(text)]
 
     def decode(self, ids) -> str:

@@ -22,6 +22,7 @@
 
     torchrun --nproc_per_node 2 -m ltm train --data data/train --out-dir runs/a --preset ltm-tiny
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,7 +35,6 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -59,34 +59,34 @@ __all__ = ["NonFiniteError", "TrainConfig", "TrainResult", "train"]  # NonFinite
 
 @dataclass
 class TrainConfig:
-    data: str                                  # prepared token file (ltm.data.prepare), .bin/.json or stem
-    out_dir: str                               # checkpoint, metrics.jsonl
-    preset: str = "ltm-tiny"                   # LTMConfig preset ...
+    data: str  # prepared token file (ltm.data.prepare), .bin/.json or stem
+    out_dir: str  # checkpoint, metrics.jsonl
+    preset: str = "ltm-tiny"  # LTMConfig preset ...
     model_overrides: dict = field(default_factory=dict)  # ... and overrides, e.g. {"n_layer": 2}
-    seq_len: Optional[int] = None              # tokens per sequence; None: the model's max_seq_len
-    batch_size: int = 8                        # sequences per process per micro-step
-    grad_accum: int = 1                        # micro-steps per optimizer step
-    max_steps: int = 1000                      # optimizer steps; the lr schedule ends here
-    stop_at: Optional[int] = None              # stop (with a checkpoint) at this step; the schedule still spans max_steps
+    seq_len: int | None = None  # tokens per sequence; None: the model's max_seq_len
+    batch_size: int = 8  # sequences per process per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    max_steps: int = 1000  # optimizer steps; the lr schedule ends here
+    stop_at: int | None = None  # stop (with a checkpoint) at this step; the schedule still spans max_steps
     lr: float = 4e-4
     min_lr: float = 4e-5
     warmup_steps: int = 1000
     beta1: float = 0.9
     beta2: float = 0.95
-    weight_decay: float = 0.1                  # matrices and embeddings; norm weights get 0
-    grad_clip: float = 1.0                     # global grad-norm clip; 0 disables
-    inner_steps: Optional[int] = None          # inner-loop steps T; None: the preset's t_fast
+    weight_decay: float = 0.1  # matrices and embeddings; norm weights get 0
+    grad_clip: float = 1.0  # global grad-norm clip; 0 disables
+    inner_steps: int | None = None  # inner-loop steps T; None: the preset's t_fast
     inner_lr: float = INNER_LOOP.lr
     inner_schedule: str = INNER_LOOP.schedule
-    latents: str = "posterior"                 # "zero": baseline plain causal LM (z = 0, cross-attention idle)
-    sampling: str = "random"                   # WindowSampler: "random" offsets or shuffled "blocks"
+    latents: str = "posterior"  # "zero": baseline plain causal LM (z = 0, cross-attention idle)
+    sampling: str = "random"  # WindowSampler: "random" offsets or shuffled "blocks"
     seed: int = 0
-    ckpt_interval: int = 100                   # steps between checkpoints (and one at the end)
-    log_interval: int = 10                     # steps between metrics lines / progress updates
+    ckpt_interval: int = 100  # steps between checkpoints (and one at the end)
+    log_interval: int = 10  # steps between metrics lines / progress updates
     backend: str = "auto"
-    device: str = "auto"                       # "auto": cuda when available (the local rank's GPU), else cpu
-    resume: bool = True                        # continue from <out_dir>/ckpt.pt when it exists
-    force: bool = False                        # resume even if the settings differ from the checkpoint's
+    device: str = "auto"  # "auto": cuda when available (the local rank's GPU), else cpu
+    resume: bool = True  # continue from <out_dir>/ckpt.pt when it exists
+    force: bool = False  # resume even if the settings differ from the checkpoint's
     progress: bool = True
 
     def check(self):
@@ -99,20 +99,35 @@ class TrainConfig:
         for name, choices in (("inner_schedule", SCHEDULES), ("latents", LATENT_MODES), ("sampling", SAMPLINGS)):
             check_choice(f"TrainConfig.{name}", getattr(self, name), choices)
         if not isinstance(self.model_overrides, dict):
-            raise ValueError(f"TrainConfig.model_overrides must be a dict of LTMConfig fields, got "
-                             f"{type(self.model_overrides).__name__}")
+            raise ValueError(
+                f"TrainConfig.model_overrides must be a dict of LTMConfig fields, got "
+                f"{type(self.model_overrides).__name__}"
+            )
 
 
 _BETA = Range(float, 0, 1, high_open=True)
 # The range of every number of TrainConfig (the CLI parses its options with the same ranges).
-RANGES = dict(seq_len=Range(int, 1, optional=True), batch_size=COUNT, grad_accum=COUNT, max_steps=COUNT,
-              stop_at=Range(int, 1, optional=True), lr=POSITIVE, min_lr=NON_NEGATIVE, warmup_steps=STEPS,
-              beta1=_BETA, beta2=_BETA, weight_decay=NON_NEGATIVE, grad_clip=NON_NEGATIVE,
-              inner_steps=Range(int, 0, optional=True), inner_lr=NON_NEGATIVE, seed=SEED, ckpt_interval=COUNT,
-              log_interval=COUNT)
+RANGES = dict(
+    seq_len=Range(int, 1, optional=True),
+    batch_size=COUNT,
+    grad_accum=COUNT,
+    max_steps=COUNT,
+    stop_at=Range(int, 1, optional=True),
+    lr=POSITIVE,
+    min_lr=NON_NEGATIVE,
+    warmup_steps=STEPS,
+    beta1=_BETA,
+    beta2=_BETA,
+    weight_decay=NON_NEGATIVE,
+    grad_clip=NON_NEGATIVE,
+    inner_steps=Range(int, 0, optional=True),
+    inner_lr=NON_NEGATIVE,
+    seed=SEED,
+    ckpt_interval=COUNT,
+    log_interval=COUNT,
+)
 # Settings a resumed run may change: they decide when and where it runs, not what it computes.
-RESUMABLE_CHANGES = ("stop_at", "ckpt_interval", "log_interval", "backend", "device", "resume", "force",
-                     "progress")
+RESUMABLE_CHANGES = ("stop_at", "ckpt_interval", "log_interval", "backend", "device", "resume", "force", "progress")
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -124,11 +139,14 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.dim() >= 2]      # matrices and the (tied) embedding
-    no_decay = [p for p in model.parameters() if p.dim() < 2]    # RMSNorm weights
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=False)
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices and the (tied) embedding
+    no_decay = [p for p in model.parameters() if p.dim() < 2]  # RMSNorm weights
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        foreach=False,
+    )
 
 
 def initial_latents(cfg: LTMConfig, seed: int, step: int, index, device) -> tuple:
@@ -156,13 +174,13 @@ def atomic_save(obj, path) -> None:
         torch.save(obj, f)
 
 
-def load_checkpoint(path, encoding: Optional[str] = None) -> dict:
+def load_checkpoint(path, encoding: str | None = None) -> dict:
     """Read a training checkpoint (ltm.interop.read_checkpoint: weights_only=True); refuse a truncated file
     or another tokenizer."""
     return check_training_checkpoint(read_checkpoint(path), path, encoding)
 
 
-def check_training_checkpoint(ckpt, path, encoding: Optional[str] = None) -> dict:
+def check_training_checkpoint(ckpt, path, encoding: str | None = None) -> dict:
     """`ckpt` (read from `path`) if it is an ltm training checkpoint, made with `encoding` when given."""
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an ltm training checkpoint (format {CHECKPOINT_FORMAT!r})")
@@ -230,8 +248,11 @@ def _changed_settings(ckpt: dict, cfg: TrainConfig, data: TokenData, world: int)
         if saved[name] != value:
             changes.append(f"{name} {saved[name]!r} -> {value!r}")
     saved_data = Path(ckpt.get("data", {}).get("path", data.bin_path))
-    same = (os.path.samefile(saved_data, data.bin_path) if saved_data.exists()
-            else saved_data.resolve() == data.bin_path.resolve())
+    same = (
+        os.path.samefile(saved_data, data.bin_path)
+        if saved_data.exists()
+        else saved_data.resolve() == data.bin_path.resolve()
+    )
     if not same:
         changes.append(f"data {str(saved_data)!r} -> {str(data.bin_path)!r}")
     saved_world = ckpt.get("data", {}).get("world_size", world)
@@ -240,7 +261,7 @@ def _changed_settings(ckpt: dict, cfg: TrainConfig, data: TokenData, world: int)
     return changes
 
 
-def _rotate_metrics(path: Path) -> Optional[Path]:
+def _rotate_metrics(path: Path) -> Path | None:
     """Move an old metrics file aside (metrics-<n>.jsonl, n the next free number) so a fresh run starts its own."""
     if not path.exists():
         return None
@@ -285,10 +306,12 @@ class _StopSignals:
             self.restore()
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopped without a checkpoint")
         self.signum = signum
-        self._say(f"{signal.Signals(signum).name} received: stopping after this step with a checkpoint "
-                  "(send it again to stop at once, without one)")
+        self._say(
+            f"{signal.Signals(signum).name} received: stopping after this step with a checkpoint "
+            "(send it again to stop at once, without one)"
+        )
 
-    def __enter__(self) -> "_StopSignals":
+    def __enter__(self) -> _StopSignals:
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
@@ -309,7 +332,7 @@ class TrainResult:
     step: int
     checkpoint: Path
     metrics: Path
-    interrupted: Optional[str] = None   # "SIGINT" / "SIGTERM" when a signal stopped the run (checkpointed)
+    interrupted: str | None = None  # "SIGINT" / "SIGTERM" when a signal stopped the run (checkpointed)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -337,8 +360,16 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Tra
     seq_len = model_cfg.max_seq_len if cfg.seq_len is None else cfg.seq_len
     if seq_len > model_cfg.max_seq_len:
         raise ValueError(f"seq_len must be in [1, max_seq_len={model_cfg.max_seq_len}], got {seq_len}")
-    sampler = WindowSampler(data, seq_len, cfg.batch_size, seed=cfg.seed, sampling=cfg.sampling, rank=rank,
-                            world_size=world, grad_accum=cfg.grad_accum)
+    sampler = WindowSampler(
+        data,
+        seq_len,
+        cfg.batch_size,
+        seed=cfg.seed,
+        sampling=cfg.sampling,
+        rank=rank,
+        world_size=world,
+        grad_accum=cfg.grad_accum,
+    )
     lock, lock_error = DirectoryLock(out_dir, "ltm train"), None
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -373,13 +404,17 @@ def _train_locked(cfg, rank, world, device, model_cfg, data, sampler, stop) -> T
     if cfg.resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, encoding=model_cfg.encoding)
         if ckpt["config"] != model_cfg.to_dict():
-            raise ValueError(f"checkpoint {ckpt_path} holds a different model config than preset={cfg.preset!r} "
-                             f"with overrides {cfg.model_overrides}: {ckpt['config']}")
+            raise ValueError(
+                f"checkpoint {ckpt_path} holds a different model config than preset={cfg.preset!r} "
+                f"with overrides {cfg.model_overrides}: {ckpt['config']}"
+            )
         changes = _changed_settings(ckpt, cfg, data, world)
         if changes and not cfg.force:
-            raise ValueError(f"{ckpt_path} was trained with other settings: {'; '.join(changes)}. Resume with "
-                             "the same ones, start over with --no-resume (resume=False), use another --out-dir, "
-                             "or pass --force (force=True) to continue with the new ones")
+            raise ValueError(
+                f"{ckpt_path} was trained with other settings: {'; '.join(changes)}. Resume with "
+                "the same ones, start over with --no-resume (resume=False), use another --out-dir, "
+                "or pass --force (force=True) to continue with the new ones"
+            )
         if changes:
             say(f"resuming with changed settings (force): {'; '.join(changes)}")
         model.load_state_dict(ckpt["model"])
@@ -396,21 +431,36 @@ def _train_locked(cfg, rank, world, device, model_cfg, data, sampler, stop) -> T
     loss_module = _TrainLoss(model)
     if world > 1:
         loss_module = nn.parallel.DistributedDataParallel(
-            loss_module, device_ids=[device.index] if device.type == "cuda" else None)
+            loss_module, device_ids=[device.index] if device.type == "cuda" else None
+        )
     inner_steps = model_cfg.t_fast if cfg.inner_steps is None else cfg.inner_steps
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
     end = cfg.stop_at or cfg.max_steps
 
     def save(at_step: int):
         if rank == 0:
-            atomic_save({
-                "format": CHECKPOINT_FORMAT, "version": 1, "step": at_step, "encoding": model_cfg.encoding,
-                "config": model_cfg.to_dict(), "train_config": _config_for_checkpoint(cfg),
-                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "optimizer": optimizer.state_dict(), "rng": _rng_state(), "tokens": tokens_total,
-                "data": {"step": at_step, "seed": cfg.seed, "sampling": cfg.sampling, "path": str(data.bin_path),
-                         "world_size": world},
-            }, ckpt_path)
+            atomic_save(
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "version": 1,
+                    "step": at_step,
+                    "encoding": model_cfg.encoding,
+                    "config": model_cfg.to_dict(),
+                    "train_config": _config_for_checkpoint(cfg),
+                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "optimizer": optimizer.state_dict(),
+                    "rng": _rng_state(),
+                    "tokens": tokens_total,
+                    "data": {
+                        "step": at_step,
+                        "seed": cfg.seed,
+                        "sampling": cfg.sampling,
+                        "path": str(data.bin_path),
+                        "world_size": world,
+                    },
+                },
+                ckpt_path,
+            )
         if world > 1:
             dist.barrier()
 
@@ -431,9 +481,18 @@ def _train_locked(cfg, rank, world, device, model_cfg, data, sampler, stop) -> T
                     else:
                         mu, logvar, noise = initial_latents(model_cfg, cfg.seed, step, index, device)
                         # check_finite=False: a non-finite posterior is handled below, together on every rank.
-                        post = infer_posterior(model, tokens, targets, steps=inner_steps, lr=cfg.inner_lr,
-                                               schedule=cfg.inner_schedule, mu=mu, logvar=logvar, noise=noise,
-                                               check_finite=False)
+                        post = infer_posterior(
+                            model,
+                            tokens,
+                            targets,
+                            steps=inner_steps,
+                            lr=cfg.inner_lr,
+                            schedule=cfg.inner_schedule,
+                            mu=mu,
+                            logvar=logvar,
+                            noise=noise,
+                            check_finite=False,
+                        )
                         z, nll_post, kl_post = post.z.detach(), post.nll, post.kl
                         # A non-finite posterior would be refused by the next check_latent; zeroing it here lets
                         # every rank reach the collective below and stop together with a clear message.
@@ -447,20 +506,30 @@ def _train_locked(cfg, rank, world, device, model_cfg, data, sampler, stop) -> T
                         # mean CE over the global batch: each micro-step holds 1 / (grad_accum) of it; DDP averages
                         # over ranks.
                         (ce_sum / n_scored / cfg.grad_accum).backward()
-                stats[:5] += torch.tensor([ce_sum.item(), nll_post.sum().item(), kl_post.sum().item(), n_scored,
-                                           tokens.shape[0]], dtype=torch.float64, device=device)
+                stats[:5] += torch.tensor(
+                    [ce_sum.item(), nll_post.sum().item(), kl_post.sum().item(), n_scored, tokens.shape[0]],
+                    dtype=torch.float64,
+                    device=device,
+                )
             stats[5] = float(stop.signum is not None)  # reduced with the stats: every rank stops at the same step
             if world > 1:
                 dist.all_reduce(stats)
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0
-                         else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])))
+            grad_norm = (
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                if cfg.grad_clip > 0
+                else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+            )
             if not (bool(torch.isfinite(stats).all()) and math.isfinite(float(grad_norm))):
                 optimizer.zero_grad(set_to_none=True)
                 save(step)
-                what = dict(zip(("ce", "posterior_nll", "posterior_kl"), stats[:3].tolist()), grad_norm=float(grad_norm))
-                raise NonFiniteError(f"training became non-finite at step {step} ({what}); the update was not applied "
-                                     f"and the model of step {step} is checkpointed at {ckpt_path}. Lower lr or "
-                                     "inner_lr, or check the data, then resume.")
+                what = dict(
+                    zip(("ce", "posterior_nll", "posterior_kl"), stats[:3].tolist()), grad_norm=float(grad_norm)
+                )
+                raise NonFiniteError(
+                    f"training became non-finite at step {step} ({what}); the update was not applied "
+                    f"and the model of step {step} is checkpointed at {ckpt_path}. Lower lr or "
+                    "inner_lr, or check the data, then resume."
+                )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -472,20 +541,32 @@ def _train_locked(cfg, rank, world, device, model_cfg, data, sampler, stop) -> T
             if rank == 0 and (step % cfg.log_interval == 0 or step == end or stopping):
                 ce, nll, kl, n_tok, n_seq, _ = stats.tolist()
                 elapsed = time.time() - t_start
-                record = dict(step=step, loss=ce / n_tok, nelbo_per_token=(nll + kl) / n_tok,
-                              posterior_nll_per_token=nll / n_tok, kl_per_seq=kl / n_seq,
-                              lr=optimizer.param_groups[0]["lr"], grad_norm=float(grad_norm), tokens=tokens_total,
-                              tokens_per_s=tokens_seen / max(elapsed, 1e-9), elapsed_s=elapsed)
+                record = dict(
+                    step=step,
+                    loss=ce / n_tok,
+                    nelbo_per_token=(nll + kl) / n_tok,
+                    posterior_nll_per_token=nll / n_tok,
+                    kl_per_seq=kl / n_seq,
+                    lr=optimizer.param_groups[0]["lr"],
+                    grad_norm=float(grad_norm),
+                    tokens=tokens_total,
+                    tokens_per_s=tokens_seen / max(elapsed, 1e-9),
+                    elapsed_s=elapsed,
+                )
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
-                bar.set_postfix(loss=f"{record['loss']:.4f}", nelbo_tok=f"{record['nelbo_per_token']:.4f}",
-                                kl_seq=f"{record['kl_per_seq']:.1f}", lr=f"{record['lr']:.2e}",
-                                tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4f}",
+                    nelbo_tok=f"{record['nelbo_per_token']:.4f}",
+                    kl_seq=f"{record['kl_per_seq']:.1f}",
+                    lr=f"{record['lr']:.2e}",
+                    tok_s=f"{record['tokens_per_s']:,.0f}",
+                    refresh=False,
+                )
             if step % cfg.ckpt_interval == 0 or step == end or stopping:
                 save(step)
             if stopping and step < end:
                 name = signal.Signals(stop.signum).name if stop.signum is not None else "a signal on another rank"
                 say(f"stopped by {name} at step {step}; checkpoint {ckpt_path}; run the same command to resume")
-                return TrainResult(model=model, step=step, checkpoint=ckpt_path, metrics=metrics_path,
-                                   interrupted=name)
+                return TrainResult(model=model, step=step, checkpoint=ckpt_path, metrics=metrics_path, interrupted=name)
         return TrainResult(model=model, step=step, checkpoint=ckpt_path, metrics=metrics_path)

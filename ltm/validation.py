@@ -5,14 +5,15 @@ the command line (`type=Range.parse`), so both refuse a value with the same word
 its range. Ranges that depend on other values (seq_len <= the model's max_seq_len, shots < the number of
 examples) are checked where both are known, with the same kind of message.
 """
+
 from __future__ import annotations
 
 import argparse
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
 
 import torch
 
@@ -22,8 +23,8 @@ class Range:
     """An int or a finite float within [low, high] (either bound open or absent); `optional`: None allowed."""
 
     kind: type
-    low: Optional[float] = None
-    high: Optional[float] = None
+    low: float | None = None
+    high: float | None = None
     low_open: bool = False
     high_open: bool = False
     optional: bool = False
@@ -72,10 +73,10 @@ class Range:
 
 
 # Ranges shared by the API and the CLI.
-COUNT = Range(int, 1)                        # sizes and counts that must be at least 1
-STEPS = Range(int, 0)                        # inner-loop steps T (0: the initial posterior as it is)
-SEED = Range(int, 0, 2**63 - 1)              # numpy's SeedSequence takes non-negative seeds
-NON_NEGATIVE = Range(float, 0)               # learning rates of the inner loop, weight decay, scales
+COUNT = Range(int, 1)  # sizes and counts that must be at least 1
+STEPS = Range(int, 0)  # inner-loop steps T (0: the initial posterior as it is)
+SEED = Range(int, 0, 2**63 - 1)  # numpy's SeedSequence takes non-negative seeds
+NON_NEGATIVE = Range(float, 0)  # learning rates of the inner loop, weight decay, scales
 POSITIVE = Range(float, 0, low_open=True)
 
 
@@ -98,28 +99,35 @@ def check_output(name: str, path, inputs) -> Path:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{name} {path} is a folder; give a file name")
-    for input_name, input_path in (inputs.items() if isinstance(inputs, dict) else inputs):
+    for input_name, input_path in inputs.items() if isinstance(inputs, dict) else inputs:
         if input_path is not None and _same_file(path, Path(input_path)):
-            raise ValueError(f"{name} {path} is the input {input_name} {input_path}: refusing to write over an "
-                             "input; choose another output name")
+            raise ValueError(
+                f"{name} {path} is the input {input_name} {input_path}: refusing to write over an "
+                "input; choose another output name"
+            )
     return path
 
 
 # ---------------------------------------------------------------- devices
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """"auto" (the local rank's GPU when CUDA is available, else the CPU), "cpu", "cuda" or "cuda:N"; a CUDA
+    """ "auto" (the local rank's GPU when CUDA is available, else the CPU), "cpu", "cuda" or "cuda:N"; a CUDA
     device that this torch or this machine cannot provide is an error saying which."""
-    if not isinstance(name, str) or not (name in ("auto", "cpu", "cuda") or
-                                         (name.startswith("cuda:") and name[5:].isdigit())):
+    if not isinstance(name, str) or not (
+        name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())
+    ):
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        why = ("this torch is built without CUDA" if torch.version.cuda is None
-               else "no CUDA device is visible (check CUDA_VISIBLE_DEVICES and the driver)")
+        why = (
+            "this torch is built without CUDA"
+            if torch.version.cuda is None
+            else "no CUDA device is visible (check CUDA_VISIBLE_DEVICES and the driver)"
+        )
         raise ValueError(f"device {name!r} is not available: {why}; use device 'cpu' or 'auto'")
     index = int(name[5:]) if name.startswith("cuda:") else local_rank
     if index >= torch.cuda.device_count():
-        raise ValueError(f"device {name!r}: CUDA device {index} does not exist here "
-                         f"({torch.cuda.device_count()} visible)")
+        raise ValueError(
+            f"device {name!r}: CUDA device {index} does not exist here ({torch.cuda.device_count()} visible)"
+        )
     return torch.device("cuda", index)

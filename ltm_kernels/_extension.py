@@ -63,28 +63,40 @@ def _build_at_first_use(not_built: str) -> tuple[bool, str]:
     if "ltm_kernels._C" in sys.modules:  # None there: the importer asked that it not be imported
         return False, f"{not_built} ({ahead_of_time})"
     if not (_ROOT / "csrc" / "ltm_ops.cpp").is_file():
-        return False, (f"{not_built}, and its sources are not next to the package (a non-editable install "
-                       f"whose build had no torch): reinstall with `pip install --no-build-isolation .`")
+        return False, (
+            f"{not_built}, and its sources are not next to the package (a non-editable install "
+            f"whose build had no torch): reinstall with `pip install --no-build-isolation .`"
+        )
     from torch.utils import cpp_extension
 
     cpp_sources, cuda_sources = _build.sources(str(_ROOT))
     cuda = _build.with_cuda(torch.version.cuda, cpp_extension.CUDA_HOME, cuda_sources)
     tag = hashlib.sha1(str(_ROOT).encode()).hexdigest()[:8]
-    build_dir = pathlib.Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root(),
-                             f"ltm_kernels_{tag}_py{sys.version_info[0]}{sys.version_info[1]}_torch{torch.__version__}")
+    build_dir = pathlib.Path(
+        os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root(),
+        f"ltm_kernels_{tag}_py{sys.version_info[0]}{sys.version_info[1]}_torch{torch.__version__}",
+    )
     paths = [str(_ROOT / p) for p in cpp_sources + (cuda_sources if cuda else [])]
     built = [p.stat().st_mtime for p in build_dir.glob("ltm_kernels_C*.so")]
     if not built or max(built) < max(os.stat(p).st_mtime for p in paths):
-        print(f"ltm_kernels: compiling the C++{'/CUDA' if cuda else ''} extension against torch "
-              f"{torch.__version__} (first use only, a few minutes; cached in {build_dir})", file=sys.stderr,
-              flush=True)
+        print(
+            f"ltm_kernels: compiling the C++{'/CUDA' if cuda else ''} extension against torch "
+            f"{torch.__version__} (first use only, a few minutes; cached in {build_dir})",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
         with _build_environment(cuda):
-            cpp_extension.load("ltm_kernels_C", paths, extra_cflags=_build.cxx_flags(),
-                               extra_cuda_cflags=_build.NVCC_FLAGS if cuda else None,
-                               extra_ldflags=_build.link_flags(),
-                               build_directory=str(build_dir), with_cuda=cuda)
+            cpp_extension.load(
+                "ltm_kernels_C",
+                paths,
+                extra_cflags=_build.cxx_flags(),
+                extra_cuda_cflags=_build.NVCC_FLAGS if cuda else None,
+                extra_ldflags=_build.link_flags(),
+                build_directory=str(build_dir),
+                with_cuda=cuda,
+            )
     except Exception as e:  # no compiler, no ninja, a compile error: report it, the other backends still run
         detail = f"{type(e).__name__}: {e}"
         return False, f"{not_built}; compiling it at first use failed: {detail[-2000:]} ({ahead_of_time})"

@@ -34,8 +34,10 @@ def triton_status() -> tuple[bool, str]:
         return True, f"triton {triton.__version__} under TRITON_INTERPRET=1 (CPU tensors, slow, fp32 only)"
     if torch.cuda.is_available():
         return True, f"triton {triton.__version__} on CUDA"
-    return False, (f"triton {triton.__version__} is installed but there is no CUDA device; set "
-                   "TRITON_INTERPRET=1 before importing ltm to run its kernels on CPU tensors (slow, for tests)")
+    return False, (
+        f"triton {triton.__version__} is installed but there is no CUDA device; set "
+        "TRITON_INTERPRET=1 before importing ltm to run its kernels on CPU tensors (slow, for tests)"
+    )
 
 
 def triton_device_ok(device: torch.device) -> bool:
@@ -51,13 +53,15 @@ def check_triton_tensor(t: torch.Tensor, name: str, dtypes=(torch.float32, torch
     if not TRITON_AVAILABLE:
         raise RuntimeError(f"{name}: the Triton kernels need triton ({_IMPORT_ERROR})")
     if not (t.is_cuda or (t.device.type == "cpu" and INTERPRET)):  # a CUDA tensor implies a CUDA device
-        raise ValueError(f"{name} is on {t.device}: the Triton kernels run on CUDA tensors, or on CPU tensors "
-                         "when TRITON_INTERPRET=1 was set before ltm_kernels was imported")
+        raise ValueError(
+            f"{name} is on {t.device}: the Triton kernels run on CUDA tensors, or on CPU tensors "
+            "when TRITON_INTERPRET=1 was set before ltm_kernels was imported"
+        )
     if t.dtype not in dtypes:
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sm_count(index) -> int:
     """Streaming multiprocessors of CUDA device `index` (grid sizing of the kernels that loop over rows)."""
     return torch.cuda.get_device_properties(index).multi_processor_count

@@ -81,8 +81,9 @@ def _latent_attention_setup_context(ctx, inputs, output):
 def _latent_attention_backward(ctx, grad_out, _grad_lse):
     q, k, v, cos_q, sin_q, cos_k, sin_k, out, lse = ctx.saved_tensors
     q_grad = ctx.needs_input_grad[0]  # False for the inner loop's layer 0, whose query is computed once
-    dq, dk, dv = torch.ops.ltm.latent_attention_backward(grad_out, q, k, v, cos_q, sin_q, cos_k, sin_k, out, lse,
-                                                         q_grad)
+    dq, dk, dv = torch.ops.ltm.latent_attention_backward(
+        grad_out, q, k, v, cos_q, sin_q, cos_k, sin_k, out, lse, q_grad
+    )
     return (dq if q_grad else None), dk, dv, None, None, None, None
 
 
@@ -94,10 +95,12 @@ def _register() -> None:
     for name in ("self_attention", "latent_attention"):
         torch.library.register_fake(f"ltm::{name}")(_forward_fake)
         torch.library.register_fake(f"ltm::{name}_backward")(_backward_fake)
-    torch.library.register_autograd("ltm::self_attention", _self_attention_backward,
-                                    setup_context=_self_attention_setup_context)
-    torch.library.register_autograd("ltm::latent_attention", _latent_attention_backward,
-                                    setup_context=_latent_attention_setup_context)
+    torch.library.register_autograd(
+        "ltm::self_attention", _self_attention_backward, setup_context=_self_attention_setup_context
+    )
+    torch.library.register_autograd(
+        "ltm::latent_attention", _latent_attention_backward, setup_context=_latent_attention_setup_context
+    )
 
 
 def self_attention_cpp(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, window: int) -> Tensor:
@@ -112,8 +115,9 @@ def self_attention_cpp(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor
     return torch.ops.ltm.self_attention(q, k, v, cos, sin, window)[0]
 
 
-def latent_attention_cpp(q: Tensor, k: Tensor, v: Tensor, cos_q: Tensor, sin_q: Tensor, cos_k: Tensor,
-                         sin_k: Tensor) -> Tensor:
+def latent_attention_cpp(
+    q: Tensor, k: Tensor, v: Tensor, cos_q: Tensor, sin_q: Tensor, cos_k: Tensor, sin_k: Tensor
+) -> Tensor:
     """`reference.latent_attention_ref` through the C++ CPU kernel: every query attends to all M keys.
 
     q (B, H, N, hd), k, v (B, H, M, hd) with M >= 1 (any M), hd even, one dtype among float32, float64,

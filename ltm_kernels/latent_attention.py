@@ -88,13 +88,40 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _latent_attn_fwd_kernel(
-        q_ptr, k_ptr, v_ptr, cq_ptr, sq_ptr, ck_ptr, sk_ptr, o_ptr, lse_ptr,
-        stride_qb, stride_qh, stride_qn, stride_qd,
-        stride_kb, stride_kh, stride_km, stride_kd,
-        stride_vb, stride_vh, stride_vm, stride_vd,
-        stride_ob, stride_oh, stride_on, stride_od,
-        H, N, M, n_blocks, qk_scale,
-        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        cq_ptr,
+        sq_ptr,
+        ck_ptr,
+        sk_ptr,
+        o_ptr,
+        lse_ptr,
+        stride_qb,
+        stride_qh,
+        stride_qn,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_km,
+        stride_kd,
+        stride_vb,
+        stride_vh,
+        stride_vm,
+        stride_vd,
+        stride_ob,
+        stride_oh,
+        stride_on,
+        stride_od,
+        H,
+        N,
+        M,
+        n_blocks,
+        qk_scale,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         """Queries [blk * BLOCK_N, ...) of one (batch, head): out and the base-2 logsumexp of each row."""
         HALF: tl.constexpr = HEAD_DIM // 2
@@ -107,16 +134,21 @@ if TRITON_AVAILABLE:
 
         keys = tl.arange(0, BLOCK_M)
         key_mask = keys < M
-        k_e, k_o, _, _ = _load_rope(k_ptr + b * stride_kb + h * stride_kh, stride_km, stride_kd,
-                                    ck_ptr, sk_ptr, keys, key_mask, HALF)
+        k_e, k_o, _, _ = _load_rope(
+            k_ptr + b * stride_kb + h * stride_kh, stride_km, stride_kd, ck_ptr, sk_ptr, keys, key_mask, HALF
+        )
         dims = tl.arange(0, HEAD_DIM)
-        v = tl.load(v_ptr + b * stride_vb + h * stride_vh + keys[:, None] * stride_vm + dims[None, :] * stride_vd,
-                    mask=key_mask[:, None], other=0.0)
+        v = tl.load(
+            v_ptr + b * stride_vb + h * stride_vh + keys[:, None] * stride_vm + dims[None, :] * stride_vd,
+            mask=key_mask[:, None],
+            other=0.0,
+        )
 
         rows = blk * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < N
-        q_e, q_o, _, _ = _load_rope(q_ptr + b * stride_qb + h * stride_qh, stride_qn, stride_qd,
-                                    cq_ptr, sq_ptr, rows, row_mask, HALF)
+        q_e, q_o, _, _ = _load_rope(
+            q_ptr + b * stride_qb + h * stride_qh, stride_qn, stride_qd, cq_ptr, sq_ptr, rows, row_mask, HALF
+        )
         s = tl.dot(q_e.to(dtype), tl.trans(k_e.to(dtype)), input_precision=PRECISION)
         s = tl.dot(q_o.to(dtype), tl.trans(k_o.to(dtype)), s, input_precision=PRECISION)
         s = tl.where(key_mask[None, :], s * qk_scale, float("-inf"))  # base-2 logits; padded keys: -inf
@@ -125,23 +157,74 @@ if TRITON_AVAILABLE:
         denom = tl.sum(p, axis=1)
         acc = tl.dot(p.to(dtype), v, input_precision=PRECISION)
         out = acc / denom[:, None]
-        tl.store(o_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + dims[None, :] * stride_od,
-                 out.to(o_ptr.dtype.element_ty), mask=row_mask[:, None])
+        tl.store(
+            o_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + dims[None, :] * stride_od,
+            out.to(o_ptr.dtype.element_ty),
+            mask=row_mask[:, None],
+        )
         tl.store(lse_ptr + bh.to(tl.int64) * N + rows, m + tl.log2(denom), mask=row_mask)
 
     @triton.jit
     def _latent_attn_bwd_kernel(
-        q_ptr, k_ptr, v_ptr, cq_ptr, sq_ptr, ck_ptr, sk_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr,
-        stride_qb, stride_qh, stride_qn, stride_qd,
-        stride_kb, stride_kh, stride_km, stride_kd,
-        stride_vb, stride_vh, stride_vm, stride_vd,
-        stride_ob, stride_oh, stride_on, stride_od,
-        stride_dob, stride_doh, stride_don, stride_dod,
-        stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-        stride_dkb, stride_dkh, stride_dkc, stride_dkm, stride_dkd,
-        stride_dvb, stride_dvh, stride_dvc, stride_dvm, stride_dvd,
-        H, N, M, n_blocks, n_chunks, blocks_per_chunk, qk_scale, sm_scale,
-        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        cq_ptr,
+        sq_ptr,
+        ck_ptr,
+        sk_ptr,
+        o_ptr,
+        do_ptr,
+        lse_ptr,
+        dq_ptr,
+        dk_ptr,
+        dv_ptr,
+        stride_qb,
+        stride_qh,
+        stride_qn,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_km,
+        stride_kd,
+        stride_vb,
+        stride_vh,
+        stride_vm,
+        stride_vd,
+        stride_ob,
+        stride_oh,
+        stride_on,
+        stride_od,
+        stride_dob,
+        stride_doh,
+        stride_don,
+        stride_dod,
+        stride_dqb,
+        stride_dqh,
+        stride_dqn,
+        stride_dqd,
+        stride_dkb,
+        stride_dkh,
+        stride_dkc,
+        stride_dkm,
+        stride_dkd,
+        stride_dvb,
+        stride_dvh,
+        stride_dvc,
+        stride_dvm,
+        stride_dvd,
+        H,
+        N,
+        M,
+        n_blocks,
+        n_chunks,
+        blocks_per_chunk,
+        qk_scale,
+        sm_scale,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         """Query blocks [chunk * blocks_per_chunk, ...) of one (batch, head): their dq, and this chunk's
         dk, dv sums over its tokens, stored at index `chunk` of dk_ptr / dv_ptr (fp32 partials, or dk, dv
@@ -156,13 +239,17 @@ if TRITON_AVAILABLE:
 
         keys = tl.arange(0, BLOCK_M)
         key_mask = keys < M
-        k_e, k_o, _, _ = _load_rope(k_ptr + b * stride_kb + h * stride_kh, stride_km, stride_kd,
-                                    ck_ptr, sk_ptr, keys, key_mask, HALF)
+        k_e, k_o, _, _ = _load_rope(
+            k_ptr + b * stride_kb + h * stride_kh, stride_km, stride_kd, ck_ptr, sk_ptr, keys, key_mask, HALF
+        )
         k_e = k_e.to(dtype)
         k_o = k_o.to(dtype)
         dims = tl.arange(0, HEAD_DIM)
-        v = tl.load(v_ptr + b * stride_vb + h * stride_vh + keys[:, None] * stride_vm + dims[None, :] * stride_vd,
-                    mask=key_mask[:, None], other=0.0)
+        v = tl.load(
+            v_ptr + b * stride_vb + h * stride_vh + keys[:, None] * stride_vm + dims[None, :] * stride_vd,
+            mask=key_mask[:, None],
+            other=0.0,
+        )
 
         q_base = q_ptr + b * stride_qb + h * stride_qh
         o_base = o_ptr + b * stride_ob + h * stride_oh
@@ -186,10 +273,12 @@ if TRITON_AVAILABLE:
             p = tl.exp2(s * qk_scale - lse[:, None])
             p = tl.where(key_mask[None, :] & row_mask[:, None], p, 0.0)
 
-            do = tl.load(do_base + rows[:, None] * stride_don + dims[None, :] * stride_dod,
-                         mask=row_mask[:, None], other=0.0)
-            o = tl.load(o_base + rows[:, None] * stride_on + dims[None, :] * stride_od,
-                        mask=row_mask[:, None], other=0.0)
+            do = tl.load(
+                do_base + rows[:, None] * stride_don + dims[None, :] * stride_dod, mask=row_mask[:, None], other=0.0
+            )
+            o = tl.load(
+                o_base + rows[:, None] * stride_on + dims[None, :] * stride_od, mask=row_mask[:, None], other=0.0
+            )
             delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = (p * (dp - delta[:, None])).to(dtype)  # dS / scale; the scale is applied below, in fp32
@@ -205,11 +294,28 @@ if TRITON_AVAILABLE:
         tab = keys[:, None] * HALF + tl.arange(0, HALF)[None, :]  # reloaded, not held in registers over the loop
         ck = tl.load(ck_ptr + tab, mask=key_mask[:, None], other=0.0)
         sk = tl.load(sk_ptr + tab, mask=key_mask[:, None], other=0.0)
-        _store_unrope(dk_ptr + b * stride_dkb + h * stride_dkh + c64 * stride_dkc, stride_dkm, stride_dkd,
-                      keys, key_mask, dk_e * sm_scale, dk_o * sm_scale, ck, sk, HALF)
-        tl.store(dv_ptr + b * stride_dvb + h * stride_dvh + c64 * stride_dvc
-                 + keys[:, None] * stride_dvm + dims[None, :] * stride_dvd,
-                 dv.to(dv_ptr.dtype.element_ty), mask=key_mask[:, None])
+        _store_unrope(
+            dk_ptr + b * stride_dkb + h * stride_dkh + c64 * stride_dkc,
+            stride_dkm,
+            stride_dkd,
+            keys,
+            key_mask,
+            dk_e * sm_scale,
+            dk_o * sm_scale,
+            ck,
+            sk,
+            HALF,
+        )
+        tl.store(
+            dv_ptr
+            + b * stride_dvb
+            + h * stride_dvh
+            + c64 * stride_dvc
+            + keys[:, None] * stride_dvm
+            + dims[None, :] * stride_dvd,
+            dv.to(dv_ptr.dtype.element_ty),
+            mask=key_mask[:, None],
+        )
 
 
 # --------------------------------------------------------------------------------------------- launchers
@@ -267,10 +373,29 @@ def _latent_attention_fwd(q, k, v, cos_q, sin_q, cos_k, sin_k) -> tuple[Tensor, 
     cfg = _fwd_config(N, hd, q.dtype)
     n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
     _latent_attn_fwd_kernel[(n_blocks * B * H,)](
-        q, k, v, cos_q, sin_q, cos_k, sin_k, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, N, M, n_blocks, LOG2E / math.sqrt(hd),
-        HEAD_DIM=hd, BLOCK_M=_block_m(M), PRECISION=_precision(q.dtype), **cfg)
+        q,
+        k,
+        v,
+        cos_q,
+        sin_q,
+        cos_k,
+        sin_k,
+        out,
+        lse,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        H,
+        N,
+        M,
+        n_blocks,
+        LOG2E / math.sqrt(hd),
+        HEAD_DIM=hd,
+        BLOCK_M=_block_m(M),
+        PRECISION=_precision(q.dtype),
+        **cfg,
+    )
     return out, lse
 
 
@@ -293,11 +418,40 @@ def _latent_attention_bwd(grad_out, q, k, v, cos_q, sin_q, cos_k, sin_k, out, ls
         dk_strides, dv_strides = dk_part.stride(), dv_part.stride()
     sm_scale = 1.0 / math.sqrt(hd)
     _latent_attn_bwd_kernel[(n_chunks * B * H,)](
-        q, k, v, cos_q, sin_q, cos_k, sin_k, out, grad_out, lse, dq, dk_part, dv_part,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *dq.stride(),
-        *dk_strides, *dv_strides,
-        H, N, M, n_blocks, n_chunks, per_chunk, sm_scale * LOG2E, sm_scale,
-        HEAD_DIM=hd, BLOCK_M=_block_m(M), PRECISION=_precision(q.dtype), **cfg)
+        q,
+        k,
+        v,
+        cos_q,
+        sin_q,
+        cos_k,
+        sin_k,
+        out,
+        grad_out,
+        lse,
+        dq,
+        dk_part,
+        dv_part,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        *grad_out.stride(),
+        *dq.stride(),
+        *dk_strides,
+        *dv_strides,
+        H,
+        N,
+        M,
+        n_blocks,
+        n_chunks,
+        per_chunk,
+        sm_scale * LOG2E,
+        sm_scale,
+        HEAD_DIM=hd,
+        BLOCK_M=_block_m(M),
+        PRECISION=_precision(q.dtype),
+        **cfg,
+    )
     if n_chunks > 1:  # fixed-order reduction over the chunks: deterministic
         dk.copy_(dk_part.sum(2))
         dv.copy_(dv_part.sum(2))
@@ -310,8 +464,9 @@ def _latent_attention_bwd(grad_out, q, k, v, cos_q, sin_q, cos_k, sin_k, out, ls
 # opaque ops for torch.compile and CUDA graphs, autograd from Python. Inputs as `latent_attention_triton` checks;
 # lse (B, H, N) fp32 is the base-2 logsumexp of the scaled scores (see the module docstring).
 @torch.library.custom_op("ltm_triton::latent_attention", mutates_args=())
-def _latent_attention_op(q: Tensor, k: Tensor, v: Tensor, cos_q: Tensor, sin_q: Tensor, cos_k: Tensor,
-                         sin_k: Tensor) -> tuple[Tensor, Tensor]:
+def _latent_attention_op(
+    q: Tensor, k: Tensor, v: Tensor, cos_q: Tensor, sin_q: Tensor, cos_k: Tensor, sin_k: Tensor
+) -> tuple[Tensor, Tensor]:
     return _latent_attention_fwd(q, k, v, cos_q, sin_q, cos_k, sin_k)
 
 
@@ -322,9 +477,18 @@ def _(q, k, v, cos_q, sin_q, cos_k, sin_k):
 
 
 @torch.library.custom_op("ltm_triton::latent_attention_backward", mutates_args=())
-def _latent_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, cos_q: Tensor, sin_q: Tensor,
-                                  cos_k: Tensor, sin_k: Tensor, out: Tensor, lse: Tensor
-                                  ) -> tuple[Tensor, Tensor, Tensor]:
+def _latent_attention_backward_op(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos_q: Tensor,
+    sin_q: Tensor,
+    cos_k: Tensor,
+    sin_k: Tensor,
+    out: Tensor,
+    lse: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
     return _latent_attention_bwd(grad_out, q, k, v, cos_q, sin_q, cos_k, sin_k, out, lse)
 
 
@@ -341,8 +505,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, cos_q, sin_q, cos_k, sin_k, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.ltm_triton.latent_attention_backward(grad_out, q, k, v, cos_q, sin_q, cos_k, sin_k,
-                                                                out, lse)
+    dq, dk, dv = torch.ops.ltm_triton.latent_attention_backward(grad_out, q, k, v, cos_q, sin_q, cos_k, sin_k, out, lse)
     return dq, dk, dv, None, None, None, None
 
 
@@ -354,8 +517,9 @@ def _check(q, k, v, cos_q, sin_q, cos_k, sin_k) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_triton_tensor(t, name)
         if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (B, H, {'N' if name == 'q' else 'M'}, hd), "
-                             f"got shape {tuple(t.shape)}")
+            raise ValueError(
+                f"{name} must be 4-D (B, H, {'N' if name == 'q' else 'M'}, hd), got shape {tuple(t.shape)}"
+            )
     floats = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
     for name, t in (("cos_q", cos_q), ("sin_q", sin_q), ("cos_k", cos_k), ("sin_k", sin_k)):
         check_triton_tensor(t, name, floats)
@@ -368,11 +532,12 @@ def _check(q, k, v, cos_q, sin_q, cos_k, sin_k) -> None:
     if M == 0:
         raise ValueError(f"k must have at least one latent key (M >= 1), got shape {tuple(k.shape)}")
     if M > MAX_LATENTS:
-        raise ValueError(f"k has M = {M} latent keys: latent_attention keeps all keys of a (batch, head) "
-                         f"on chip and supports at most {MAX_LATENTS}")
+        raise ValueError(
+            f"k has M = {M} latent keys: latent_attention keeps all keys of a (batch, head) "
+            f"on chip and supports at most {MAX_LATENTS}"
+        )
     if tuple(k.shape) != (B, H, M, hd):
-        raise ValueError(f"k must have shape (B, H, M, hd) = ({B}, {H}, M, {hd}) to match q, "
-                         f"got {tuple(k.shape)}")
+        raise ValueError(f"k must have shape (B, H, M, hd) = ({B}, {H}, M, {hd}) to match q, got {tuple(k.shape)}")
     if v.shape != k.shape:
         raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
     for name, t in (("k", k), ("v", v)):
@@ -387,8 +552,9 @@ def _check(q, k, v, cos_q, sin_q, cos_k, sin_k) -> None:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
 
 
-def latent_attention_triton(q: Tensor, k: Tensor, v: Tensor, cos_q: Tensor, sin_q: Tensor, cos_k: Tensor,
-                            sin_k: Tensor) -> Tensor:
+def latent_attention_triton(
+    q: Tensor, k: Tensor, v: Tensor, cos_q: Tensor, sin_q: Tensor, cos_k: Tensor, sin_k: Tensor
+) -> Tensor:
     """Fused `reference.latent_attention_ref`: softmax(rope(q) rope(k)^T / sqrt(hd)) v, no mask.
 
     q (B, H, N, hd), k and v (B, H, M, hd) with 1 <= M <= 64 and hd in (32, 64, 128); one dtype among

@@ -72,8 +72,10 @@ def linear_onednn(x: Tensor, weight: Tensor) -> Tensor:
         if t.dtype not in _DTYPES:
             raise TypeError(f"linear_onednn: {name} must be float32 or bfloat16, got {t.dtype}")
     if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"linear_onednn: weight must be (n, k) with k = x.shape[-1] = "
-                         f"{x.shape[-1] if x.dim() else None}, got {tuple(weight.shape)}")
+        raise ValueError(
+            f"linear_onednn: weight must be (n, k) with k = x.shape[-1] = "
+            f"{x.shape[-1] if x.dim() else None}, got {tuple(weight.shape)}"
+        )
     if x.dtype != weight.dtype:
         raise TypeError(f"linear_onednn: x ({x.dtype}) and weight ({weight.dtype}) must have one dtype")
     return _linear(x, weight)

@@ -58,8 +58,9 @@ if TRITON_AVAILABLE:
             tl.store(row_ptr + cols, (g * scale).to(row_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _lce_fwd_kernel(logits_ptr, stride_row, targets_ptr, loss_ptr, lse_ptr, V,
-                        BLOCK_V: tl.constexpr, WRITE_GRAD: tl.constexpr):
+    def _lce_fwd_kernel(
+        logits_ptr, stride_row, targets_ptr, loss_ptr, lse_ptr, V, BLOCK_V: tl.constexpr, WRITE_GRAD: tl.constexpr
+    ):
         """One row of a chunk: logsumexp by an online max/sum over V in blocks, the loss, and (when the
         inputs need gradients) the row's dlogits for g = 1, written over its logits."""
         row = tl.program_id(0)
@@ -87,8 +88,7 @@ if TRITON_AVAILABLE:
         row = tl.program_id(0)
         target = tl.load(targets_ptr + row)
         scale = _row_scale(target, V, tl.load(scale_ptr + row))
-        _write_dlogits(logits_ptr + row.to(tl.int64) * stride_row, target, tl.load(lse_ptr + row), scale,
-                       V, BLOCK_V)
+        _write_dlogits(logits_ptr + row.to(tl.int64) * stride_row, target, tl.load(lse_ptr + row), scale, V, BLOCK_V)
 
 
 # --------------------------------------------------------------------------------------------- launchers
@@ -100,8 +100,7 @@ def _launch_config(V: int) -> dict:
 
 def _rows_fwd_triton(logits: Tensor, targets: Tensor, loss: Tensor, lse: Tensor, write_grad: bool) -> None:
     n, V = logits.shape
-    _lce_fwd_kernel[(n,)](logits, logits.stride(0), targets, loss, lse, V,
-                          WRITE_GRAD=write_grad, **_launch_config(V))
+    _lce_fwd_kernel[(n,)](logits, logits.stride(0), targets, loss, lse, V, WRITE_GRAD=write_grad, **_launch_config(V))
 
 
 def _rows_bwd_triton(logits: Tensor, targets: Tensor, lse: Tensor, scale: Tensor) -> None:
@@ -170,8 +169,9 @@ def _forward(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int, i
     return loss.view(B, N).sum(-1), lse, None if dh is None else dh.view(B, N, d)
 
 
-def _weight_grad(hidden: Tensor, weight: Tensor, targets: Tensor, lse: Tensor, grad: Tensor,
-                 chunk_rows: int, impl: str) -> Tensor:
+def _weight_grad(
+    hidden: Tensor, weight: Tensor, targets: Tensor, lse: Tensor, grad: Tensor, chunk_rows: int, impl: str
+) -> Tensor:
     """dW = sum over chunks of (g * dlogits).T @ h, logits recomputed; accumulated in fp32 (or fp64)."""
     B, N, d = hidden.shape
     V, M = weight.shape[0], B * N
@@ -216,8 +216,9 @@ def _define(impl: str):
     name = _OPS[impl]
 
     @torch.library.custom_op(name, mutates_args=())
-    def forward_op(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int, compute_grad_hidden: bool
-                   ) -> tuple[Tensor, Tensor, Tensor]:
+    def forward_op(
+        hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int, compute_grad_hidden: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
         _check_targets(targets, weight.shape[0])
         nll, lse, dh = _forward(hidden, weight, targets.contiguous(), chunk_rows, impl, compute_grad_hidden)
         return nll, lse, hidden.new_empty(0) if dh is None else dh
@@ -227,12 +228,12 @@ def _define(impl: str):
         B, N, d = hidden.shape
         stats = torch.promote_types(hidden.dtype, torch.float32)
         dh_shape = (B, N, d) if compute_grad_hidden else (0,)
-        return (hidden.new_empty(B, dtype=stats), hidden.new_empty(B * N, dtype=stats),
-                hidden.new_empty(dh_shape))
+        return (hidden.new_empty(B, dtype=stats), hidden.new_empty(B * N, dtype=stats), hidden.new_empty(dh_shape))
 
     @torch.library.custom_op(f"{name}_backward", mutates_args=())
-    def backward_op(grad: Tensor, hidden: Tensor, weight: Tensor, targets: Tensor, lse: Tensor, chunk_rows: int
-                    ) -> Tensor:
+    def backward_op(
+        grad: Tensor, hidden: Tensor, weight: Tensor, targets: Tensor, lse: Tensor, chunk_rows: int
+    ) -> Tensor:
         return _weight_grad(hidden, weight, targets.contiguous(), lse, grad, chunk_rows, impl)
 
     @torch.library.register_fake(f"{name}_backward")
@@ -251,8 +252,10 @@ def _define(impl: str):
         grad_h = grad_w = None
         if grad_wanted(ctx, 0):
             if dh.numel() == 0 and hidden.numel() != 0:
-                raise RuntimeError(f"{name}: the gradient of hidden is wanted, but the forward was called with "
-                                   "compute_grad_hidden=False")
+                raise RuntimeError(
+                    f"{name}: the gradient of hidden is wanted, but the forward was called with "
+                    "compute_grad_hidden=False"
+                )
             grad_h = (dh * grad[:, None, None]).to(hidden.dtype)
         if grad_wanted(ctx, 1):  # not in the inner loop: the decoder weight is a Parameter nobody asks about
             grad_w = backward_op(grad, hidden, weight, targets, lse, ctx.chunk_rows)
@@ -287,8 +290,7 @@ def _check_inputs(hidden, weight, targets, chunk_size) -> int:
     for name, x in (("weight", weight), ("targets", targets)):
         if x.device != hidden.device:
             raise ValueError(f"{name} is on {x.device} but hidden is on {hidden.device}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
-                                   or chunk_size < 1):
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     return chunk_size or default_chunk_rows(B * N, d, weight.shape[0])
 

@@ -42,8 +42,10 @@ def _forward_fake(hidden, weight, targets, compute_grad):
 
 
 def _backward_fake(grad, hidden, weight, targets, lse, dh, hidden_grad, weight_grad):
-    return (torch.empty_like(hidden) if hidden_grad else hidden.new_empty((0,)),
-            torch.empty_like(weight) if weight_grad else weight.new_empty((0,)))
+    return (
+        torch.empty_like(hidden) if hidden_grad else hidden.new_empty((0,)),
+        torch.empty_like(weight) if weight_grad else weight.new_empty((0,)),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -59,8 +61,10 @@ def _backward(ctx, grad, grad_lse, grad_dh):
     want_h = ctx.compute_grad and grad_wanted(ctx, 0)
     want_w = grad_wanted(ctx, 1)
     if ctx.needs_input_grad[0] and not ctx.compute_grad:
-        raise RuntimeError("lm_head_nll: the forward ran with compute_grad=False, so there is no gradient for "
-                           "hidden; call it with compute_grad=True (lm_head_nll_cpp does so under autograd)")
+        raise RuntimeError(
+            "lm_head_nll: the forward ran with compute_grad=False, so there is no gradient for "
+            "hidden; call it with compute_grad=True (lm_head_nll_cpp does so under autograd)"
+        )
     grad_h, grad_w = torch.ops.ltm.lm_head_nll_backward(grad, hidden, weight, targets, lse, dh, want_h, want_w)
     return (grad_h if want_h else None), (grad_w if want_w else None), None, None
 

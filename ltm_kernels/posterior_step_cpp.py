@@ -35,8 +35,23 @@ from .reference import check_posterior_step_args
 
 
 def _posterior_step_fake(
-    mu, logvar, exp_avg_mu, exp_avg_sq_mu, exp_avg_logvar, exp_avg_sq_logvar, z, grad_z, noise, step,
-    lr, total_steps, schedule, beta1, beta2, eps, weight_decay,
+    mu,
+    logvar,
+    exp_avg_mu,
+    exp_avg_sq_mu,
+    exp_avg_logvar,
+    exp_avg_sq_logvar,
+    z,
+    grad_z,
+    noise,
+    step,
+    lr,
+    total_steps,
+    schedule,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
 ) -> None:
     # Mutates its inputs in place and returns nothing: no output metadata to describe.
     return None
@@ -50,10 +65,22 @@ def _register_fake() -> None:
 
 
 def posterior_step_cpp(
-    mu: Tensor, logvar: Tensor,
-    exp_avg_mu: Tensor, exp_avg_sq_mu: Tensor, exp_avg_logvar: Tensor, exp_avg_sq_logvar: Tensor,
-    z: Tensor, grad_z: Tensor, noise: Tensor, step: Tensor,
-    lr: float, total_steps: int, schedule: int = 0, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+    mu: Tensor,
+    logvar: Tensor,
+    exp_avg_mu: Tensor,
+    exp_avg_sq_mu: Tensor,
+    exp_avg_logvar: Tensor,
+    exp_avg_sq_logvar: Tensor,
+    z: Tensor,
+    grad_z: Tensor,
+    noise: Tensor,
+    step: Tensor,
+    lr: float,
+    total_steps: int,
+    schedule: int = 0,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
     weight_decay: float = 0.01,
 ) -> None:
     """Fused `posterior_step_ref` through the compiled extension; same arguments, same in-place updates.
@@ -67,6 +94,21 @@ def posterior_step_cpp(
     require_extension("posterior_step_cpp")
     schedule = check_posterior_step_args(lr, total_steps, schedule, beta1, beta2, eps, weight_decay)
     torch.ops.ltm.posterior_step(
-        mu, logvar, exp_avg_mu, exp_avg_sq_mu, exp_avg_logvar, exp_avg_sq_logvar, z, grad_z, noise, step,
-        float(lr), int(total_steps), schedule, float(beta1), float(beta2), float(eps), float(weight_decay),
+        mu,
+        logvar,
+        exp_avg_mu,
+        exp_avg_sq_mu,
+        exp_avg_logvar,
+        exp_avg_sq_logvar,
+        z,
+        grad_z,
+        noise,
+        step,
+        float(lr),
+        int(total_steps),
+        schedule,
+        float(beta1),
+        float(beta2),
+        float(eps),
+        float(weight_decay),
     )

@@ -25,17 +25,34 @@ from torch import Tensor
 from ._triton import TRITON_AVAILABLE, check_triton_tensor, tl, triton
 from .reference import check_posterior_step_args
 
-_NAMES = ("mu", "logvar", "exp_avg_mu", "exp_avg_sq_mu", "exp_avg_logvar", "exp_avg_sq_logvar", "z", "grad_z",
-          "noise")
+_NAMES = ("mu", "logvar", "exp_avg_mu", "exp_avg_sq_mu", "exp_avg_logvar", "exp_avg_sq_logvar", "z", "grad_z", "noise")
 _BLOCK = 1024
 
 if TRITON_AVAILABLE:
 
     @triton.jit
-    def _posterior_step_kernel(mu_ptr, lv_ptr, m_mu_ptr, v_mu_ptr, m_lv_ptr, v_lv_ptr, z_ptr, g_ptr, e_ptr, step_ptr,
-                               n, total_steps, lr: tl.float64, beta1: tl.float64, beta2: tl.float64,
-                               eps: tl.float64, weight_decay: tl.float64,
-                               SCHEDULE: tl.constexpr, LERP_FROM_M: tl.constexpr, BLOCK: tl.constexpr):
+    def _posterior_step_kernel(
+        mu_ptr,
+        lv_ptr,
+        m_mu_ptr,
+        v_mu_ptr,
+        m_lv_ptr,
+        v_lv_ptr,
+        z_ptr,
+        g_ptr,
+        e_ptr,
+        step_ptr,
+        n,
+        total_steps,
+        lr: tl.float64,
+        beta1: tl.float64,
+        beta2: tl.float64,
+        eps: tl.float64,
+        weight_decay: tl.float64,
+        SCHEDULE: tl.constexpr,
+        LERP_FROM_M: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         # The step counter: read with a ticket; the last program to read publishes t + 1 (tickets cleared).
         old = tl.atomic_add(step_ptr, 4294967296)  # 2^32
         t = old & 4294967295
@@ -80,10 +97,34 @@ if TRITON_AVAILABLE:
         sigma = tl.exp(0.5 * lv)
         g_mu = g + mu
         g_lv = 0.5 * g * e * sigma + 0.5 * (sigma * sigma - 1)
-        mu, m_mu, v_mu = _adamw(mu, g_mu, m_mu, v_mu, decay, lerp_w, beta2_f, one_minus_beta2, neg_step_size,
-                                bias_correction2_sqrt, eps_f, LERP_FROM_M)
-        lv, m_lv, v_lv = _adamw(lv, g_lv, m_lv, v_lv, decay, lerp_w, beta2_f, one_minus_beta2, neg_step_size,
-                                bias_correction2_sqrt, eps_f, LERP_FROM_M)
+        mu, m_mu, v_mu = _adamw(
+            mu,
+            g_mu,
+            m_mu,
+            v_mu,
+            decay,
+            lerp_w,
+            beta2_f,
+            one_minus_beta2,
+            neg_step_size,
+            bias_correction2_sqrt,
+            eps_f,
+            LERP_FROM_M,
+        )
+        lv, m_lv, v_lv = _adamw(
+            lv,
+            g_lv,
+            m_lv,
+            v_lv,
+            decay,
+            lerp_w,
+            beta2_f,
+            one_minus_beta2,
+            neg_step_size,
+            bias_correction2_sqrt,
+            eps_f,
+            LERP_FROM_M,
+        )
         mu = mu.to(mu_ptr.dtype.element_ty)
         lv = lv.to(lv_ptr.dtype.element_ty)
         tl.store(mu_ptr + offs, mu, mask=mask)
@@ -97,8 +138,20 @@ if TRITON_AVAILABLE:
         tl.store(z_ptr + offs, z.to(z_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _adamw(p, grad, m, v, decay, lerp_w, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps,
-               LERP_FROM_M: tl.constexpr):
+    def _adamw(
+        p,
+        grad,
+        m,
+        v,
+        decay,
+        lerp_w,
+        beta2,
+        one_minus_beta2,
+        neg_step_size,
+        bias_correction2_sqrt,
+        eps,
+        LERP_FROM_M: tl.constexpr,
+    ):
         """One AdamW update in torch.optim.AdamW's op order (csrc/posterior_step.h adamw_update), fp32."""
         p = p * decay
         if LERP_FROM_M:  # torch.lerp's two formulas, picked by weight < 0.5
@@ -113,34 +166,98 @@ if TRITON_AVAILABLE:
 # ------------------------------------------------------------------------------------------ registration
 # ltm_triton::posterior_step: the schema of ltm::posterior_step (csrc/ltm_ops.cpp), mutations declared; no
 # autograd (an optimizer step, run under no_grad). Inputs as `posterior_step_triton` checks them.
-@torch.library.custom_op("ltm_triton::posterior_step",
-                         mutates_args=("mu", "logvar", "exp_avg_mu", "exp_avg_sq_mu", "exp_avg_logvar",
-                                       "exp_avg_sq_logvar", "z", "step"))
-def _posterior_step_op(mu: Tensor, logvar: Tensor, exp_avg_mu: Tensor, exp_avg_sq_mu: Tensor, exp_avg_logvar: Tensor,
-                       exp_avg_sq_logvar: Tensor, z: Tensor, grad_z: Tensor, noise: Tensor, step: Tensor, lr: float,
-                       total_steps: int, schedule: int, beta1: float, beta2: float, eps: float,
-                       weight_decay: float) -> None:
+@torch.library.custom_op(
+    "ltm_triton::posterior_step",
+    mutates_args=("mu", "logvar", "exp_avg_mu", "exp_avg_sq_mu", "exp_avg_logvar", "exp_avg_sq_logvar", "z", "step"),
+)
+def _posterior_step_op(
+    mu: Tensor,
+    logvar: Tensor,
+    exp_avg_mu: Tensor,
+    exp_avg_sq_mu: Tensor,
+    exp_avg_logvar: Tensor,
+    exp_avg_sq_logvar: Tensor,
+    z: Tensor,
+    grad_z: Tensor,
+    noise: Tensor,
+    step: Tensor,
+    lr: float,
+    total_steps: int,
+    schedule: int,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
     n = mu.numel()
     lerp_from_m = bool(np.float32(1 - beta1) < 0.5)  # as the kernel rounds it
     grid = (max(triton.cdiv(n, _BLOCK), 1),)  # at least one program: the counter must advance
     _posterior_step_kernel[grid](
-        mu, logvar, exp_avg_mu, exp_avg_sq_mu, exp_avg_logvar, exp_avg_sq_logvar, z, grad_z.contiguous(),
-        noise.contiguous(), step, n, total_steps, lr, beta1, beta2, eps, weight_decay,
-        SCHEDULE=schedule, LERP_FROM_M=lerp_from_m, BLOCK=_BLOCK, num_warps=4)
+        mu,
+        logvar,
+        exp_avg_mu,
+        exp_avg_sq_mu,
+        exp_avg_logvar,
+        exp_avg_sq_logvar,
+        z,
+        grad_z.contiguous(),
+        noise.contiguous(),
+        step,
+        n,
+        total_steps,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        SCHEDULE=schedule,
+        LERP_FROM_M=lerp_from_m,
+        BLOCK=_BLOCK,
+        num_warps=4,
+    )
 
 
 @torch.library.register_fake("ltm_triton::posterior_step")
-def _(mu, logvar, exp_avg_mu, exp_avg_sq_mu, exp_avg_logvar, exp_avg_sq_logvar, z, grad_z, noise, step, lr,
-      total_steps, schedule, beta1, beta2, eps, weight_decay):
+def _(
+    mu,
+    logvar,
+    exp_avg_mu,
+    exp_avg_sq_mu,
+    exp_avg_logvar,
+    exp_avg_sq_logvar,
+    z,
+    grad_z,
+    noise,
+    step,
+    lr,
+    total_steps,
+    schedule,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+):
     return None  # mutates its inputs in place and returns nothing: no output metadata to describe
 
 
 # ------------------------------------------------------------------------------------------- functional
 def posterior_step_triton(
-    mu: Tensor, logvar: Tensor,
-    exp_avg_mu: Tensor, exp_avg_sq_mu: Tensor, exp_avg_logvar: Tensor, exp_avg_sq_logvar: Tensor,
-    z: Tensor, grad_z: Tensor, noise: Tensor, step: Tensor,
-    lr: float, total_steps: int, schedule: int = 0, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+    mu: Tensor,
+    logvar: Tensor,
+    exp_avg_mu: Tensor,
+    exp_avg_sq_mu: Tensor,
+    exp_avg_logvar: Tensor,
+    exp_avg_sq_logvar: Tensor,
+    z: Tensor,
+    grad_z: Tensor,
+    noise: Tensor,
+    step: Tensor,
+    lr: float,
+    total_steps: int,
+    schedule: int = 0,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
     weight_decay: float = 0.01,
 ) -> None:
     """`posterior_step_ref` as one Triton kernel; same arguments, same in-place updates (step incremented).
@@ -154,14 +271,27 @@ def posterior_step_triton(
     for name, t in zip(_NAMES, tensors):
         check_triton_tensor(t, name)
         if t.shape != mu.shape or t.dtype != mu.dtype or t.device != mu.device:
-            raise ValueError(f"posterior_step: {name} must match mu (shape {tuple(mu.shape)}, {mu.dtype}, "
-                             f"{mu.device}), got shape {tuple(t.shape)}, {t.dtype}, {t.device}")
+            raise ValueError(
+                f"posterior_step: {name} must match mu (shape {tuple(mu.shape)}, {mu.dtype}, "
+                f"{mu.device}), got shape {tuple(t.shape)}, {t.dtype}, {t.device}"
+            )
     for name, t in zip(_NAMES[:7], tensors[:7]):
         if not t.is_contiguous():
             raise ValueError(f"posterior_step: {name} must be contiguous")
     if not (isinstance(step, Tensor) and step.dtype == torch.int64 and step.numel() == 1 and step.device == mu.device):
-        raise ValueError(f"posterior_step: step must be a one-element int64 tensor on {mu.device} (the number of "
-                         f"updates done), got {step!r}")
+        raise ValueError(
+            f"posterior_step: step must be a one-element int64 tensor on {mu.device} (the number of "
+            f"updates done), got {step!r}"
+        )
     schedule = check_posterior_step_args(lr, total_steps, schedule, beta1, beta2, eps, weight_decay)
-    torch.ops.ltm_triton.posterior_step(*tensors, step, float(lr), int(total_steps), schedule, float(beta1),
-                                        float(beta2), float(eps), float(weight_decay))
+    torch.ops.ltm_triton.posterior_step(
+        *tensors,
+        step,
+        float(lr),
+        int(total_steps),
+        schedule,
+        float(beta1),
+        float(beta2),
+        float(eps),
+        float(weight_decay),
+    )

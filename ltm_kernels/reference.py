@@ -30,16 +30,19 @@ def check_posterior_step_args(lr, total_steps, schedule, beta1, beta2, eps, weig
     if isinstance(schedule, str) and schedule in SCHEDULES:
         schedule = SCHEDULES.index(schedule)
     elif isinstance(schedule, bool) or not isinstance(schedule, numbers.Integral) or schedule not in range(3):
-        raise ValueError(f"posterior_step: schedule must be one of {SCHEDULES} or its index 0, 1, 2; "
-                         f"got {schedule!r}")
+        raise ValueError(f"posterior_step: schedule must be one of {SCHEDULES} or its index 0, 1, 2; got {schedule!r}")
     if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral) or total_steps < 1:
-        raise ValueError(f"posterior_step: total_steps must be an int >= 1 (the number of updates the schedule "
-                         f"spans), got {total_steps!r}")
-    ranges = (("lr", lr, "a finite number >= 0", lambda x: x >= 0),
-              ("beta1", beta1, "a finite number in [0, 1)", lambda x: 0 <= x < 1),
-              ("beta2", beta2, "a finite number in [0, 1)", lambda x: 0 <= x < 1),
-              ("eps", eps, "a finite number > 0", lambda x: x > 0),
-              ("weight_decay", weight_decay, "a finite number >= 0", lambda x: x >= 0))
+        raise ValueError(
+            f"posterior_step: total_steps must be an int >= 1 (the number of updates the schedule "
+            f"spans), got {total_steps!r}"
+        )
+    ranges = (
+        ("lr", lr, "a finite number >= 0", lambda x: x >= 0),
+        ("beta1", beta1, "a finite number in [0, 1)", lambda x: 0 <= x < 1),
+        ("beta2", beta2, "a finite number in [0, 1)", lambda x: 0 <= x < 1),
+        ("eps", eps, "a finite number > 0", lambda x: x > 0),
+        ("weight_decay", weight_decay, "a finite number >= 0", lambda x: x >= 0),
+    )
     for name, value, allowed, ok in ranges:
         if not (_is_real(value) and math.isfinite(value) and ok(value)):
             raise ValueError(f"posterior_step: {name} must be {allowed}, got {value!r}")
@@ -64,8 +67,16 @@ def scheduled_lr(step, total: int, lr: float, schedule: str):
 
 
 def _adamw_(
-    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
-    lr: Tensor, step: Tensor, beta1: float, beta2: float, eps: float, weight_decay: float,
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    lr: Tensor,
+    step: Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
 ) -> None:
     # torch.optim.AdamW's single-tensor path, op for op, except that lr and the 1-based step are 0-d float64
     # tensors (on CPU they act as Python scalars do; on CUDA, half-precision tensors see them rounded to their
@@ -82,10 +93,22 @@ def _adamw_(
 
 @torch.no_grad()
 def posterior_step_ref(
-    mu: Tensor, logvar: Tensor,
-    exp_avg_mu: Tensor, exp_avg_sq_mu: Tensor, exp_avg_logvar: Tensor, exp_avg_sq_logvar: Tensor,
-    z: Tensor, grad_z: Tensor, noise: Tensor, step: Tensor,
-    lr: float, total_steps: int, schedule: int = 0, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+    mu: Tensor,
+    logvar: Tensor,
+    exp_avg_mu: Tensor,
+    exp_avg_sq_mu: Tensor,
+    exp_avg_logvar: Tensor,
+    exp_avg_sq_logvar: Tensor,
+    z: Tensor,
+    grad_z: Tensor,
+    noise: Tensor,
+    step: Tensor,
+    lr: float,
+    total_steps: int,
+    schedule: int = 0,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
     weight_decay: float = 0.01,
 ) -> None:
     """One AdamW step on (mu, logvar) of the loss CE(z) + sum KL(mu, logvar), then the next sample z.
@@ -158,8 +181,7 @@ def self_attention_ref(q, k, v, cos, sin, window: int) -> torch.Tensor:
     if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
         raise ValueError(f"window must be an int >= 1 (query i sees keys i - window < j <= i), got {window!r}")
     mask = sliding_window_mask(q.shape[-2], window, q.device)
-    return F.scaled_dot_product_attention(apply_rope_ref(q, cos, sin), apply_rope_ref(k, cos, sin), v,
-                                          attn_mask=mask)
+    return F.scaled_dot_product_attention(apply_rope_ref(q, cos, sin), apply_rope_ref(k, cos, sin), v, attn_mask=mask)
 
 
 def latent_attention_ref(q, k, v, cos_q, sin_q, cos_k, sin_k) -> torch.Tensor:

@@ -26,14 +26,15 @@ from ._triton import TRITON_AVAILABLE, check_triton_tensor, grad_wanted, sm_coun
 if TRITON_AVAILABLE:
 
     @triton.jit
-    def _rms_norm_fwd_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, rstd_ptr, D, eps,
-                             BLOCK_D: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    def _rms_norm_fwd_kernel(
+        x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, rstd_ptr, D, eps, BLOCK_D: tl.constexpr, HAS_RESIDUAL: tl.constexpr
+    ):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_D)
         mask = cols < D
         x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0)
         if HAS_RESIDUAL:
-            x = (x.to(tl.float32) + tl.load(r_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32))
+            x = x.to(tl.float32) + tl.load(r_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
             x = x.to(h_ptr.dtype.element_ty)  # round the sum as the eager add does; the norm sees that value
             tl.store(h_ptr + row * D + cols, x, mask=mask)
         xf = x.to(tl.float32)
@@ -44,8 +45,21 @@ if TRITON_AVAILABLE:
         tl.store(rstd_ptr + row, rstd)
 
     @triton.jit
-    def _rms_norm_bwd_kernel(h_ptr, w_ptr, rstd_ptr, dy_ptr, dh_out_ptr, dx_ptr, dw_ptr, M, D, rows_per_program,
-                             BLOCK_D: tl.constexpr, HAS_DH_OUT: tl.constexpr, HAS_DW: tl.constexpr):
+    def _rms_norm_bwd_kernel(
+        h_ptr,
+        w_ptr,
+        rstd_ptr,
+        dy_ptr,
+        dh_out_ptr,
+        dx_ptr,
+        dw_ptr,
+        M,
+        D,
+        rows_per_program,
+        BLOCK_D: tl.constexpr,
+        HAS_DH_OUT: tl.constexpr,
+        HAS_DW: tl.constexpr,
+    ):
         """Rows [pid * rows_per_program, ...): dx per row; this program's partial dw in row pid of dw_ptr."""
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_D)
@@ -80,8 +94,7 @@ def _rms_norm_fwd(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float
     y = torch.empty(M, D, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     h = torch.empty_like(x) if residual is not None else None
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
-    _rms_norm_fwd_kernel[(M,)](x, residual, weight, y, h, rstd, D, eps,
-                               HAS_RESIDUAL=residual is not None, **_config(D))
+    _rms_norm_fwd_kernel[(M,)](x, residual, weight, y, h, rstd, D, eps, HAS_RESIDUAL=residual is not None, **_config(D))
     return y, h, rstd
 
 
@@ -94,8 +107,21 @@ def _rms_norm_bwd(h: Tensor, weight: Tensor, rstd: Tensor, dy: Tensor, dh_out: T
     rows_per_program = triton.cdiv(M, programs)
     programs = triton.cdiv(M, rows_per_program)
     dw = torch.empty(programs, D, dtype=torch.float32, device=h.device) if want_dw else None
-    _rms_norm_bwd_kernel[(programs,)](h, weight, rstd, dy, dh_out, dx, dw, M, D, rows_per_program,
-                                      HAS_DH_OUT=dh_out is not None, HAS_DW=want_dw, **_config(D))
+    _rms_norm_bwd_kernel[(programs,)](
+        h,
+        weight,
+        rstd,
+        dy,
+        dh_out,
+        dx,
+        dw,
+        M,
+        D,
+        rows_per_program,
+        HAS_DH_OUT=dh_out is not None,
+        HAS_DW=want_dw,
+        **_config(D),
+    )
     return dx, None if dw is None else dw.sum(0).to(weight.dtype)
 
 
@@ -124,17 +150,20 @@ def _(x, weight, eps):
 
 
 @torch.library.custom_op("ltm_triton::rms_norm_backward", mutates_args=())
-def _rms_norm_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, compute_grad_weight: bool
-                          ) -> tuple[Tensor, Tensor]:
-    dx, dw = _rms_norm_bwd(_rows(x), weight.contiguous(), rstd.reshape(-1).contiguous(), _rows(grad_y), None,
-                           compute_grad_weight)
+def _rms_norm_backward_op(
+    grad_y: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, compute_grad_weight: bool
+) -> tuple[Tensor, Tensor]:
+    dx, dw = _rms_norm_bwd(
+        _rows(x), weight.contiguous(), rstd.reshape(-1).contiguous(), _rows(grad_y), None, compute_grad_weight
+    )
     return dx.view(x.shape), weight.new_empty(0) if dw is None else dw
 
 
 @torch.library.register_fake("ltm_triton::rms_norm_backward")
 def _(grad_y, x, weight, rstd, compute_grad_weight):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), \
-        weight.new_empty(weight.shape if compute_grad_weight else (0,))
+    return torch.empty_like(x, memory_format=torch.contiguous_format), weight.new_empty(
+        weight.shape if compute_grad_weight else (0,)
+    )
 
 
 @torch.library.custom_op("ltm_triton::add_rms_norm", mutates_args=())
@@ -150,18 +179,21 @@ def _(x, residual, weight, eps):
 
 
 @torch.library.custom_op("ltm_triton::add_rms_norm_backward", mutates_args=())
-def _add_rms_norm_backward_op(grad_y: Tensor, grad_h: Tensor | None, h: Tensor, weight: Tensor, rstd: Tensor,
-                              compute_grad_weight: bool) -> tuple[Tensor, Tensor]:
+def _add_rms_norm_backward_op(
+    grad_y: Tensor, grad_h: Tensor | None, h: Tensor, weight: Tensor, rstd: Tensor, compute_grad_weight: bool
+) -> tuple[Tensor, Tensor]:
     dh_out = None if grad_h is None else _rows(grad_h)
-    dx, dw = _rms_norm_bwd(_rows(h), weight.contiguous(), rstd.reshape(-1).contiguous(), _rows(grad_y), dh_out,
-                           compute_grad_weight)
+    dx, dw = _rms_norm_bwd(
+        _rows(h), weight.contiguous(), rstd.reshape(-1).contiguous(), _rows(grad_y), dh_out, compute_grad_weight
+    )
     return dx.view(h.shape), weight.new_empty(0) if dw is None else dw
 
 
 @torch.library.register_fake("ltm_triton::add_rms_norm_backward")
 def _(grad_y, grad_h, h, weight, rstd, compute_grad_weight):
-    return torch.empty_like(h, memory_format=torch.contiguous_format), \
-        weight.new_empty(weight.shape if compute_grad_weight else (0,))
+    return torch.empty_like(h, memory_format=torch.contiguous_format), weight.new_empty(
+        weight.shape if compute_grad_weight else (0,)
+    )
 
 
 def _rms_norm_setup_context(ctx, inputs, output):
@@ -196,8 +228,9 @@ def _add_rms_norm_backward(ctx, grad_y, grad_h, _grad_rstd):
 
 
 torch.library.register_autograd("ltm_triton::rms_norm", _rms_norm_backward, setup_context=_rms_norm_setup_context)
-torch.library.register_autograd("ltm_triton::add_rms_norm", _add_rms_norm_backward,
-                                setup_context=_add_rms_norm_setup_context)
+torch.library.register_autograd(
+    "ltm_triton::add_rms_norm", _add_rms_norm_backward, setup_context=_add_rms_norm_setup_context
+)
 
 
 # ------------------------------------------------------------------------------------------- functional
@@ -213,8 +246,10 @@ def _check(x, weight, eps, residual=None) -> None:
     if residual is not None:
         check_triton_tensor(residual, "residual")
         if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
-            raise ValueError(f"residual must match x (shape {tuple(x.shape)}, {x.dtype}, {x.device}), got "
-                             f"shape {tuple(residual.shape)}, {residual.dtype}, {residual.device}")
+            raise ValueError(
+                f"residual must match x (shape {tuple(x.shape)}, {x.dtype}, {x.device}), got "
+                f"shape {tuple(residual.shape)}, {residual.dtype}, {residual.device}"
+            )
     if not (isinstance(eps, (int, float)) and eps > 0):
         raise ValueError(f"eps must be a positive number, got {eps!r}")
 

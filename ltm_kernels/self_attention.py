@@ -62,8 +62,9 @@ if TRITON_AVAILABLE:
             return tl.dot(a, b, acc)
 
     @triton.jit
-    def _load_rotated(x_ptr, rows, N, stride_n, stride_d, cos_ptr, sin_ptr,
-                      ROWS: tl.constexpr, HD: tl.constexpr, BOUNDS: tl.constexpr):
+    def _load_rotated(
+        x_ptr, rows, N, stride_n, stride_d, cos_ptr, sin_ptr, ROWS: tl.constexpr, HD: tl.constexpr, BOUNDS: tl.constexpr
+    ):
         """RoPE'd rows of x as (even, odd) halves (ROWS, HD / 2), fp32; rows >= N read as 0 when BOUNDS."""
         HALF: tl.constexpr = HD // 2
         d = tl.arange(0, HD)
@@ -83,8 +84,9 @@ if TRITON_AVAILABLE:
         return even * cos - odd * sin, even * sin + odd * cos
 
     @triton.jit
-    def _store_unrotated(x_ptr, rows, N, stride_n, stride_d, d_even, d_odd, cos_ptr, sin_ptr,
-                         ROWS: tl.constexpr, HD: tl.constexpr):
+    def _store_unrotated(
+        x_ptr, rows, N, stride_n, stride_d, d_even, d_odd, cos_ptr, sin_ptr, ROWS: tl.constexpr, HD: tl.constexpr
+    ):
         """Undo RoPE on the gradient (d_even, d_odd) of rotated rows and store them into the (N, HD) rows of x."""
         HALF: tl.constexpr = HD // 2
         c = tl.arange(0, HALF)
@@ -93,8 +95,11 @@ if TRITON_AVAILABLE:
         sin = tl.load(sin_ptr + cs_offs, mask=(rows < N)[:, None], other=0.0)
         x = tl.reshape(tl.join(d_even * cos + d_odd * sin, d_odd * cos - d_even * sin), (ROWS, HD))
         d = tl.arange(0, HD)
-        tl.store(x_ptr + rows[:, None] * stride_n + d[None, :] * stride_d, x.to(x_ptr.dtype.element_ty),
-                 mask=(rows < N)[:, None])
+        tl.store(
+            x_ptr + rows[:, None] * stride_n + d[None, :] * stride_d,
+            x.to(x_ptr.dtype.element_ty),
+            mask=(rows < N)[:, None],
+        )
 
     @triton.jit
     def _key_tile_ranges(i0, N, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -121,9 +126,31 @@ if TRITON_AVAILABLE:
         return lo, a, b, hi
 
     @triton.jit
-    def _fwd_tiles(acc, m_i, l_i, q_e, q_o, offs_m, k_ptr, v_ptr, cos_ptr, sin_ptr,
-                   stride_kn, stride_kd, stride_vn, stride_vd, N, window, qk_scale, start, end,
-                   BLOCK_N: tl.constexpr, HD: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr):
+    def _fwd_tiles(
+        acc,
+        m_i,
+        l_i,
+        q_e,
+        q_o,
+        offs_m,
+        k_ptr,
+        v_ptr,
+        cos_ptr,
+        sin_ptr,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        N,
+        window,
+        qk_scale,
+        start,
+        end,
+        BLOCK_N: tl.constexpr,
+        HD: tl.constexpr,
+        MASKED: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
         """Online-softmax update of (acc, m_i, l_i) with key tiles [start, end); scores in log2 units."""
         d = tl.arange(0, HD)
         for j0 in range(start, end, BLOCK_N):
@@ -148,11 +175,39 @@ if TRITON_AVAILABLE:
 
     @triton.jit(do_not_specialize=["window", "N_KEY", "WINDOW_KEY"])  # window = 1 needs no variant of its own
     def _self_attention_fwd_kernel(
-        q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, out_ptr, lse_ptr,
-        stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-        stride_vb, stride_vh, stride_vn, stride_vd, stride_yb, stride_yh, stride_yn, stride_yd,
-        H, N, window, qk_scale, N_KEY, WINDOW_KEY,  # *_KEY: only autotuning keys (buckets of N and window)
-        HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        cos_ptr,
+        sin_ptr,
+        out_ptr,
+        lse_ptr,
+        stride_qb,
+        stride_qh,
+        stride_qn,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_kd,
+        stride_vb,
+        stride_vh,
+        stride_vn,
+        stride_vd,
+        stride_yb,
+        stride_yh,
+        stride_yn,
+        stride_yd,
+        H,
+        N,
+        window,
+        qk_scale,
+        N_KEY,
+        WINDOW_KEY,  # *_KEY: only autotuning keys (buckets of N and window)
+        HD: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        IEEE: tl.constexpr,
     ):
         i0 = tl.program_id(0) * BLOCK_M
         bh = tl.program_id(1).to(tl.int64)
@@ -181,9 +236,33 @@ if TRITON_AVAILABLE:
         tl.store(out_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
-    def _dq_tiles(dq_e, dq_o, q_e, q_o, do, lse2, delta, offs_m, k_ptr, v_ptr, cos_ptr, sin_ptr,
-                  stride_kn, stride_kd, stride_vn, stride_vd, N, window, qk_scale, start, end,
-                  BLOCK_N: tl.constexpr, HD: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr):
+    def _dq_tiles(
+        dq_e,
+        dq_o,
+        q_e,
+        q_o,
+        do,
+        lse2,
+        delta,
+        offs_m,
+        k_ptr,
+        v_ptr,
+        cos_ptr,
+        sin_ptr,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        N,
+        window,
+        qk_scale,
+        start,
+        end,
+        BLOCK_N: tl.constexpr,
+        HD: tl.constexpr,
+        MASKED: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
         d = tl.arange(0, HD)
         for j0 in range(start, end, BLOCK_N):
             offs_n = j0 + tl.arange(0, BLOCK_N)
@@ -207,12 +286,47 @@ if TRITON_AVAILABLE:
 
     @triton.jit(do_not_specialize=["window", "N_KEY", "WINDOW_KEY"])  # window = 1 needs no variant of its own
     def _self_attention_bwd_dq_kernel(
-        q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, out_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-        stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-        stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on, stride_od,
-        stride_yb, stride_yh, stride_yn, stride_yd,
-        H, N, window, qk_scale, sm_scale, N_KEY, WINDOW_KEY,
-        HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        cos_ptr,
+        sin_ptr,
+        out_ptr,
+        do_ptr,
+        lse_ptr,
+        delta_ptr,
+        dq_ptr,
+        stride_qb,
+        stride_qh,
+        stride_qn,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_kd,
+        stride_vb,
+        stride_vh,
+        stride_vn,
+        stride_vd,
+        stride_ob,
+        stride_oh,
+        stride_on,
+        stride_od,
+        stride_yb,
+        stride_yh,
+        stride_yn,
+        stride_yd,
+        H,
+        N,
+        window,
+        qk_scale,
+        sm_scale,
+        N_KEY,
+        WINDOW_KEY,
+        HD: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        IEEE: tl.constexpr,
     ):
         """dq of query rows [i0, i0 + BLOCK_M); also delta = rowsum(dO * out) of those rows (for dK/dV)."""
         i0 = tl.program_id(0) * BLOCK_M
@@ -224,11 +338,15 @@ if TRITON_AVAILABLE:
         offs_m = i0 + tl.arange(0, BLOCK_M)
         row_ok = offs_m < N
         d = tl.arange(0, HD)
-        do = tl.load(do_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + d[None, :] * stride_od,
-                     mask=row_ok[:, None], other=0.0)
+        do = tl.load(
+            do_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + d[None, :] * stride_od,
+            mask=row_ok[:, None],
+            other=0.0,
+        )
         y_offs = b * stride_yb + h * stride_yh  # out and dq: the outputs' layout
-        out = tl.load(out_ptr + y_offs + offs_m[:, None] * stride_yn + d[None, :] * stride_yd, mask=row_ok[:, None],
-                      other=0.0)
+        out = tl.load(
+            out_ptr + y_offs + offs_m[:, None] * stride_yn + d[None, :] * stride_yd, mask=row_ok[:, None], other=0.0
+        )
         delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), 1)
         tl.store(delta_ptr + bh * N + offs_m, delta, mask=row_ok)
         lse2 = tl.load(lse_ptr + bh * N + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
@@ -242,13 +360,49 @@ if TRITON_AVAILABLE:
         dq_e, dq_o = _dq_tiles(dq_e, dq_o, q_e, q_o, do, lse2, delta, offs_m, *args, lo, a, BLOCK_N, HD, True, IEEE)
         dq_e, dq_o = _dq_tiles(dq_e, dq_o, q_e, q_o, do, lse2, delta, offs_m, *args, a, b_, BLOCK_N, HD, False, IEEE)
         dq_e, dq_o = _dq_tiles(dq_e, dq_o, q_e, q_o, do, lse2, delta, offs_m, *args, b_, hi, BLOCK_N, HD, True, IEEE)
-        _store_unrotated(dq_ptr + y_offs, offs_m, N, stride_yn, stride_yd, dq_e * sm_scale, dq_o * sm_scale,
-                         cos_ptr, sin_ptr, BLOCK_M, HD)
+        _store_unrotated(
+            dq_ptr + y_offs,
+            offs_m,
+            N,
+            stride_yn,
+            stride_yd,
+            dq_e * sm_scale,
+            dq_o * sm_scale,
+            cos_ptr,
+            sin_ptr,
+            BLOCK_M,
+            HD,
+        )
 
     @triton.jit
-    def _dkdv_tiles(dk_e, dk_o, dv, k_e, k_o, v, offs_n, q_ptr, do_ptr, lse_ptr, delta_ptr, cos_ptr, sin_ptr,
-                    stride_qn, stride_qd, stride_on, stride_od, N, window, qk_scale, start, end,
-                    BLOCK_M: tl.constexpr, HD: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr):
+    def _dkdv_tiles(
+        dk_e,
+        dk_o,
+        dv,
+        k_e,
+        k_o,
+        v,
+        offs_n,
+        q_ptr,
+        do_ptr,
+        lse_ptr,
+        delta_ptr,
+        cos_ptr,
+        sin_ptr,
+        stride_qn,
+        stride_qd,
+        stride_on,
+        stride_od,
+        N,
+        window,
+        qk_scale,
+        start,
+        end,
+        BLOCK_M: tl.constexpr,
+        HD: tl.constexpr,
+        MASKED: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
         """Accumulate dk (rotated halves) and dv of keys offs_n over query tiles [start, end); all transposed:
         (keys, queries) score tiles, so no operand needs a transpose but the one fed to the dot."""
         d = tl.arange(0, HD)
@@ -280,12 +434,47 @@ if TRITON_AVAILABLE:
 
     @triton.jit(do_not_specialize=["window", "N_KEY", "WINDOW_KEY"])  # window = 1 needs no variant of its own
     def _self_attention_bwd_dkdv_kernel(
-        q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-        stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-        stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on, stride_od,
-        stride_yb, stride_yh, stride_yn, stride_yd,
-        H, N, window, qk_scale, sm_scale, N_KEY, WINDOW_KEY,
-        HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        cos_ptr,
+        sin_ptr,
+        do_ptr,
+        lse_ptr,
+        delta_ptr,
+        dk_ptr,
+        dv_ptr,
+        stride_qb,
+        stride_qh,
+        stride_qn,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_kd,
+        stride_vb,
+        stride_vh,
+        stride_vn,
+        stride_vd,
+        stride_ob,
+        stride_oh,
+        stride_on,
+        stride_od,
+        stride_yb,
+        stride_yh,
+        stride_yn,
+        stride_yd,
+        H,
+        N,
+        window,
+        qk_scale,
+        sm_scale,
+        N_KEY,
+        WINDOW_KEY,
+        HD: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        IEEE: tl.constexpr,
     ):
         """dk, dv of keys [j0, j0 + BLOCK_N), from the query rows j .. j + W - 1 that see them."""
         j0 = tl.program_id(0) * BLOCK_N
@@ -301,23 +490,49 @@ if TRITON_AVAILABLE:
         d = tl.arange(0, HD)
         k_e, k_o = _load_rotated(k_ptr, offs_n, N, stride_kn, stride_kd, cos_ptr, sin_ptr, BLOCK_N, HD, True)
         k_e, k_o = k_e.to(k_ptr.dtype.element_ty), k_o.to(k_ptr.dtype.element_ty)
-        v = tl.load(v_ptr + offs_n[:, None] * stride_vn + d[None, :] * stride_vd, mask=(offs_n < N)[:, None],
-                    other=0.0)
+        v = tl.load(v_ptr + offs_n[:, None] * stride_vn + d[None, :] * stride_vd, mask=(offs_n < N)[:, None], other=0.0)
 
         dk_e = tl.zeros([BLOCK_N, HD // 2], tl.float32)
         dk_o = tl.zeros([BLOCK_N, HD // 2], tl.float32)
         dv = tl.zeros([BLOCK_N, HD], tl.float32)
         lo, a, b_, hi = _query_tile_ranges(j0, N, window, BLOCK_M, BLOCK_N)
-        args = (q_ptr, do_ptr, lse_ptr, delta_ptr, cos_ptr, sin_ptr, stride_qn, stride_qd, stride_on, stride_od,
-                N, window, qk_scale)
+        args = (
+            q_ptr,
+            do_ptr,
+            lse_ptr,
+            delta_ptr,
+            cos_ptr,
+            sin_ptr,
+            stride_qn,
+            stride_qd,
+            stride_on,
+            stride_od,
+            N,
+            window,
+            qk_scale,
+        )
         dk_e, dk_o, dv = _dkdv_tiles(dk_e, dk_o, dv, k_e, k_o, v, offs_n, *args, lo, a, BLOCK_M, HD, True, IEEE)
         dk_e, dk_o, dv = _dkdv_tiles(dk_e, dk_o, dv, k_e, k_o, v, offs_n, *args, a, b_, BLOCK_M, HD, False, IEEE)
         dk_e, dk_o, dv = _dkdv_tiles(dk_e, dk_o, dv, k_e, k_o, v, offs_n, *args, b_, hi, BLOCK_M, HD, True, IEEE)
         y_offs = b * stride_yb + h * stride_yh  # dk, dv: the outputs' layout
-        _store_unrotated(dk_ptr + y_offs, offs_n, N, stride_yn, stride_yd, dk_e * sm_scale, dk_o * sm_scale,
-                         cos_ptr, sin_ptr, BLOCK_N, HD)
-        tl.store(dv_ptr + y_offs + offs_n[:, None] * stride_yn + d[None, :] * stride_yd,
-                 dv.to(dv_ptr.dtype.element_ty), mask=(offs_n < N)[:, None])
+        _store_unrotated(
+            dk_ptr + y_offs,
+            offs_n,
+            N,
+            stride_yn,
+            stride_yd,
+            dk_e * sm_scale,
+            dk_o * sm_scale,
+            cos_ptr,
+            sin_ptr,
+            BLOCK_N,
+            HD,
+        )
+        tl.store(
+            dv_ptr + y_offs + offs_n[:, None] * stride_yn + d[None, :] * stride_yd,
+            dv.to(dv_ptr.dtype.element_ty),
+            mask=(offs_n < N)[:, None],
+        )
 
     _KEY = ["N_KEY", "HD", "WINDOW_KEY"]  # the autotuner adds the tensors' dtypes
 
@@ -333,7 +548,10 @@ if TRITON_AVAILABLE:
 
     if INTERPRET:
         _fwd_kernel, _dq_kernel, _dkdv_kernel = (
-            _self_attention_fwd_kernel, _self_attention_bwd_dq_kernel, _self_attention_bwd_dkdv_kernel)
+            _self_attention_fwd_kernel,
+            _self_attention_bwd_dq_kernel,
+            _self_attention_bwd_dkdv_kernel,
+        )
         _FIXED = _INTERPRETER_CONFIG
     else:
         _fwd_kernel = triton.autotune(_configs(_FWD_CONFIGS), key=_KEY)(_self_attention_fwd_kernel)
@@ -366,14 +584,33 @@ def _self_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tenso
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_M"]), B * H)
 
-    _fwd_kernel[grid](q, k, v, cos, sin, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-                      H, N, window, sm_scale * _LOG2E, *_tune_keys(N, window),
-                      HD=hd, IEEE=q.dtype == torch.float32, **_FIXED)
+    _fwd_kernel[grid](
+        q,
+        k,
+        v,
+        cos,
+        sin,
+        out,
+        lse,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(out),
+        H,
+        N,
+        window,
+        sm_scale * _LOG2E,
+        *_tune_keys(N, window),
+        HD=hd,
+        IEEE=q.dtype == torch.float32,
+        **_FIXED,
+    )
     return out, lse
 
 
-def _self_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, out: Tensor,
-                        lse: Tensor, window: int):
+def _self_attention_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, out: Tensor, lse: Tensor, window: int
+):
     """Launch the backward (dQ + delta, then dK/dV): -> dq, dk, dv in q's dtype and layout."""
     B, H, N, hd = q.shape
     window = min(window, N)
@@ -393,9 +630,11 @@ def _self_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, cos: Tens
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq))
     scalars = (H, N, window, sm_scale * _LOG2E, sm_scale, *_tune_keys(N, window))
     _dq_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
-        q, k, v, cos, sin, out, dout, lse, delta, dq, *strides, *scalars, **common)
+        q, k, v, cos, sin, out, dout, lse, delta, dq, *strides, *scalars, **common
+    )
     _dkdv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)](
-        q, k, v, cos, sin, dout, lse, delta, dk, dv, *strides, *scalars, **common)
+        q, k, v, cos, sin, dout, lse, delta, dk, dv, *strides, *scalars, **common
+    )
     return dq, dk, dv
 
 
@@ -404,8 +643,7 @@ def _self_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, cos: Tens
 # ltm_triton::self_attention_backward(grad_out, q, k, v, cos, sin, out, lse, window) -> (dq, dk, dv): two
 # opaque ops for torch.compile and CUDA graphs, autograd from Python. Inputs as `self_attention_triton` checks.
 @torch.library.custom_op("ltm_triton::self_attention", mutates_args=())
-def _self_attention_op(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, window: int
-                       ) -> tuple[Tensor, Tensor]:
+def _self_attention_op(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, window: int) -> tuple[Tensor, Tensor]:
     return _self_attention_fwd(q, k, v, cos, sin, window)
 
 
@@ -415,8 +653,9 @@ def _(q, k, v, cos, sin, window):
 
 
 @torch.library.custom_op("ltm_triton::self_attention_backward", mutates_args=())
-def _self_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
-                                out: Tensor, lse: Tensor, window: int) -> tuple[Tensor, Tensor, Tensor]:
+def _self_attention_backward_op(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, out: Tensor, lse: Tensor, window: int
+) -> tuple[Tensor, Tensor, Tensor]:
     return _self_attention_bwd(grad_out, q, k, v, cos, sin, out, lse, window)
 
 
@@ -450,8 +689,10 @@ def _check(q, k, v, cos, sin, window) -> None:
         raise ValueError(f"q must be 4-D (B, H, N, hd), got shape {tuple(q.shape)}")
     for name, t in (("k", k), ("v", v)):
         if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
-            raise ValueError(f"{name} must match q (shape {tuple(q.shape)}, {q.dtype}, {q.device}), got shape "
-                             f"{tuple(t.shape)}, {t.dtype}, {t.device}")
+            raise ValueError(
+                f"{name} must match q (shape {tuple(q.shape)}, {q.dtype}, {q.device}), got shape "
+                f"{tuple(t.shape)}, {t.dtype}, {t.device}"
+            )
     N, hd = q.shape[-2:]
     if hd not in HEAD_DIMS:
         raise ValueError(f"head dim hd = q.shape[-1] must be one of {HEAD_DIMS}, got {hd}")

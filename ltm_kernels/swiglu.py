@@ -78,8 +78,10 @@ def _swiglu_backward_op(grad_out: Tensor, gate: Tensor, up: Tensor) -> tuple[Ten
 
 @torch.library.register_fake("ltm_triton::swiglu_backward")
 def _(grad_out, gate, up):
-    return (torch.empty_like(gate, memory_format=torch.contiguous_format),
-            torch.empty_like(up, memory_format=torch.contiguous_format))
+    return (
+        torch.empty_like(gate, memory_format=torch.contiguous_format),
+        torch.empty_like(up, memory_format=torch.contiguous_format),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -100,8 +102,10 @@ def swiglu_triton(gate: Tensor, up: Tensor) -> Tensor:
     check_triton_tensor(gate, "gate")
     check_triton_tensor(up, "up")
     if up.shape != gate.shape or up.dtype != gate.dtype or up.device != gate.device:
-        raise ValueError(f"up must match gate (shape {tuple(gate.shape)}, {gate.dtype}, {gate.device}), got "
-                         f"shape {tuple(up.shape)}, {up.dtype}, {up.device}")
+        raise ValueError(
+            f"up must match gate (shape {tuple(gate.shape)}, {gate.dtype}, {gate.device}), got "
+            f"shape {tuple(up.shape)}, {up.dtype}, {up.device}"
+        )
     if gate.numel() == 0:
         return torch.empty_like(gate)
     return torch.ops.ltm_triton.swiglu(gate, up)

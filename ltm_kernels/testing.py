@@ -1,4 +1,5 @@
 """Measuring helpers shared by tests and benchmarks (nothing here runs in the model)."""
+
 from __future__ import annotations
 
 import weakref

@@ -7,6 +7,7 @@ run on CPU tensors in the `interpreter` tests; with CUDA we leave it alone, and 
 natively by the `gpu` tests (the interpreter tests then skip, saying so). The variable only affects Triton:
 every other test runs the same either way, and subprocesses started by tests inherit it.
 """
+
 import os
 
 import torch

@@ -1,4 +1,5 @@
 """Helpers shared by the test files (on sys.path through pytest's `pythonpath` setting)."""
+
 import torch
 
 from ltm import LTMConfig
@@ -6,8 +7,7 @@ from ltm import LTMConfig
 F64 = torch.float64
 
 
-def random_published_sd(cfg: LTMConfig, seed: int, std: float = 0.2, emb_std: float = 0.5,
-                        dtype=F64) -> dict:
+def random_published_sd(cfg: LTMConfig, seed: int, std: float = 0.2, emb_std: float = 0.5, dtype=F64) -> dict:
     """All weights random (std large enough that attention is far from uniform), norms ~ 1 + 0.1 N(0,1)."""
     g = torch.Generator().manual_seed(seed)
     d, f, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
@@ -56,8 +56,13 @@ def run_at_isa(level: str, code: str, inputs_path, outputs_path):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "ATEN_CPU_CAPABILITY": level.lower()}
-    run = subprocess.run([sys.executable, "-c", code, str(inputs_path), str(outputs_path)], cwd=root, env=env,
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(inputs_path), str(outputs_path)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     capability, results = torch.load(outputs_path)
     assert capability == level

@@ -1,8 +1,10 @@
 """The build (setup.py, ltm_kernels/_build.py): what is compiled with and without torch in the build
 environment, and the CUDA arch list on a build host without a GPU."""
+
 import pathlib
 import subprocess
 import sys
+
 import pytest
 from torch.utils import cpp_extension
 
@@ -20,8 +22,9 @@ runpy.run_path("setup.py", run_name="__main__")
 
 
 def _run_setup(block: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-c", _RUN_SETUP.format(block=block)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", _RUN_SETUP.format(block=block)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     return result
 
@@ -45,12 +48,15 @@ def test_setup_with_torch_builds_the_extension_ahead_of_time():
     assert cpp and f"EXT [('ltm_kernels._C', {sorted(cpp)!r}" in result.stdout, result.stdout
 
 
-@pytest.mark.parametrize("environ, gpus, expected", [
-    ({}, 0, _build.DEFAULT_CUDA_ARCH_LIST),
-    ({"TORCH_CUDA_ARCH_LIST": "native"}, 0, _build.DEFAULT_CUDA_ARCH_LIST),
-    ({"TORCH_CUDA_ARCH_LIST": "9.0"}, 0, None),
-    ({}, 1, None),
-])
+@pytest.mark.parametrize(
+    "environ, gpus, expected",
+    [
+        ({}, 0, _build.DEFAULT_CUDA_ARCH_LIST),
+        ({"TORCH_CUDA_ARCH_LIST": "native"}, 0, _build.DEFAULT_CUDA_ARCH_LIST),
+        ({"TORCH_CUDA_ARCH_LIST": "9.0"}, 0, None),
+        ({}, 1, None),
+    ],
+)
 def test_cuda_arch_list(environ, gpus, expected):
     assert _build.cuda_arch_list(environ, gpus) == expected
 
@@ -63,4 +69,3 @@ def test_default_arch_list_is_valid_for_torch_and_covers_sm90(monkeypatch):
     assert "-gencode=arch=compute_90,code=sm_90" in flags, flags
     archs = [a.split("+")[0] for a in _build.DEFAULT_CUDA_ARCH_LIST.split(";")]
     assert max(tuple(map(int, a.split("."))) for a in archs) >= (9, 0)
-

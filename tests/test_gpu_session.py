@@ -1,6 +1,7 @@
 """benchmarks/gpu_session.sh: its dry run on this CPU machine runs every step and leaves what the GPU machine
 can send back (at most 8 files, names of letters, digits, '.', '_', '-', at most 2 folders down), with the
 summary printed last; a used output folder is refused; a deadline too short skips steps instead of overrunning."""
+
 import os
 import pathlib
 import re
@@ -18,8 +19,9 @@ STEPS = ["build", "extension", "pytest-gpu", "inner-loop", "attention", "lm-head
 def _run(out: pathlib.Path, *args: str, timeout: int = 300, **env) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "GPU_SESSION_BUDGET_S")}
     environ.update(OUT=str(out), PYTHON=sys.executable, **env)
-    return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=environ, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args], cwd=ROOT, env=environ, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _returned_files(out: pathlib.Path) -> list[pathlib.Path]:

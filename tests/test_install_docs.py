@@ -1,4 +1,5 @@
 """CI (`.ci/run`) installs exactly as README.md's "Run the tests" command says, and runs its test command."""
+
 import pathlib
 import re
 

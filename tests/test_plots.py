@@ -108,8 +108,11 @@ TINY = [
 @pytest.mark.parametrize("shape", ["variants", "sweep"])
 def test_benchmark_plot_renders(bench, tmp_path, monkeypatch, shape):
     """Bars per variant for one configuration; a curve per variant for a sweep."""
-    monkeypatch.setattr(bench, "measured_matmul_tflops",  # timing the machine: not needed
-                        lambda device, dtype: {"torch.mm": 1.0, "best": 1.0})
+    monkeypatch.setattr(
+        bench,
+        "measured_matmul_tflops",  # timing the machine: not needed
+        lambda device, dtype: {"torch.mm": 1.0, "best": 1.0},
+    )
     args = (
         ["--variants", "reference,eager"]
         if shape == "variants"

@@ -1,4 +1,5 @@
 """Markers and error measures shared by the Triton kernel tests (see tests/conftest.py for TRITON_INTERPRET)."""
+
 import pytest
 import torch
 
@@ -36,8 +37,10 @@ def _interpreter_loop_failure() -> str:
     except Exception as e:  # the interpreter wraps the TypeError: InterpreterError("TypeError('only ...')")
         if "only 0-dimensional arrays can be converted to Python scalars" not in str(e):
             raise
-        return (f"triton {triton.__version__}'s interpreter cannot run loops with numpy {numpy.__version__} "
-                f"({e}): an incompatibility of that pair, not of our kernels; use numpy < 2.3 with triton 3.6")
+        return (
+            f"triton {triton.__version__}'s interpreter cannot run loops with numpy {numpy.__version__} "
+            f"({e}): an incompatibility of that pair, not of our kernels; use numpy < 2.3 with triton 3.6"
+        )
     assert out.item() == 10.0, f"the interpreter probe summed 10 ones to {out.item()}"
     return ""
 
@@ -55,8 +58,10 @@ def _skip_reason(need_cuda: bool) -> str:
     if need_cuda and _triton.INTERPRET:
         return "TRITON_INTERPRET=1: the kernels would not be compiled for the GPU"
     if not need_cuda and not _triton.INTERPRET:
-        return ("TRITON_INTERPRET is not set (tests/conftest.py sets it only without CUDA; with CUDA the gpu "
-                "tests run these kernels natively)")
+        return (
+            "TRITON_INTERPRET is not set (tests/conftest.py sets it only without CUDA; with CUDA the gpu "
+            "tests run these kernels natively)"
+        )
     return ""
 
 
@@ -94,15 +99,17 @@ def assert_close(got, want, tol: float, name: str) -> None:
     if not err <= tol:
         diff = (got.detach().double().cpu() - want.detach().double().cpu()).abs()
         idx = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
-        raise AssertionError(f"{name}: relative error {err:.3e} > {tol:.1e}; worst at index {idx}: "
-                             f"got {got.detach().flatten()[diff.argmax()].item()!r}, "
-                             f"want {want.detach().flatten()[diff.argmax()].item()!r}")
+        raise AssertionError(
+            f"{name}: relative error {err:.3e} > {tol:.1e}; worst at index {idx}: "
+            f"got {got.detach().flatten()[diff.argmax()].item()!r}, "
+            f"want {want.detach().flatten()[diff.argmax()].item()!r}"
+        )
 
 
 # Ahead-of-time compilation for an H100 (sm_90) down to a cubin, on any machine: the test files give the body
 # of a script (which kernels, with which signatures and constexprs) and `compile_for_sm90` runs it after
 # this prelude, in a subprocess without TRITON_INTERPRET (the kernels must be decorated for the compiler).
-AOT_PRELUDE = r'''
+AOT_PRELUDE = r"""
 import importlib, inspect, sys
 import triton
 from triton.backends.compiler import GPUTarget
@@ -117,7 +124,7 @@ def compile_(fn, sig, constexprs, num_warps, num_stages=3):
                             options=dict(num_warps=num_warps, num_stages=num_stages))
     assert kernel.asm["cubin"], fn
     print("compiled", fn.__name__, constexprs, num_warps, flush=True)
-'''
+"""
 
 
 def compile_for_sm90(body: str, timeout: int = 600) -> None:
@@ -131,8 +138,14 @@ def compile_for_sm90(body: str, timeout: int = 600) -> None:
         pytest.skip("triton is not installed: Triton kernel tests not run")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences triton 3.9's notice about a future default
-    result = subprocess.run([sys.executable, "-c", AOT_PRELUDE + body], capture_output=True, text=True, env=env,
-                            check=False, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "-c", AOT_PRELUDE + body],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=timeout,
+    )
     out = result.stdout + result.stderr
     if "SKIP:" in result.stdout:
         pytest.skip(result.stdout.split("SKIP:", 1)[1].strip())

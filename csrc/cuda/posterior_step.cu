@@ -85,8 +85,8 @@ __device__ __forceinline__ void update(const Ptrs<scalar_t>& p, int64_t i, const
     o_m_lv.v[k] = static_cast<scalar_t>(lv_upd.m);
     o_v_lv.v[k] = static_cast<scalar_t>(lv_upd.v);
     // From the stored (rounded) parameters, so z is exactly the sample of what the caller holds.
-    o_z.v[k] = static_cast<scalar_t>(static_cast<opmath_t>(o_mu.v[k]) +
-                                     e_k * exp(half * static_cast<opmath_t>(o_lv.v[k])));
+    o_z.v[k] =
+        static_cast<scalar_t>(static_cast<opmath_t>(o_mu.v[k]) + e_k * exp(half * static_cast<opmath_t>(o_lv.v[k])));
   }
   store(p.mu, i, o_mu);
   store(p.lv, i, o_lv);
@@ -117,8 +117,8 @@ __global__ void __launch_bounds__(kThreads)
     if ((old >> 32) == gridDim.x - 1) {
       *step = static_cast<unsigned long long>(t + 1);  // last block to read: publish, clear the tickets
     }
-    new (adamw_raw) AdamW<opmath_t>(scheduled_lr(t, h.total_steps, h.lr, h.schedule), t + 1, h.beta1, h.beta2,
-                                    h.eps, h.weight_decay);
+    new (adamw_raw) AdamW<opmath_t>(scheduled_lr(t, h.total_steps, h.lr, h.schedule), t + 1, h.beta1, h.beta2, h.eps,
+                                    h.weight_decay);
   }
   __syncthreads();
   const AdamW<opmath_t> a = *reinterpret_cast<const AdamW<opmath_t>*>(adamw_raw);
@@ -151,17 +151,15 @@ void launch(const Ptrs<scalar_t>& p, int64_t n, at::Tensor& step, const Hyper& h
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-bool aligned16(const void* ptr) {
-  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
-}
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 void posterior_step_cuda(at::Tensor& mu, at::Tensor& logvar, at::Tensor& exp_avg_mu, at::Tensor& exp_avg_sq_mu,
                          at::Tensor& exp_avg_logvar, at::Tensor& exp_avg_sq_logvar, at::Tensor& z,
                          const at::Tensor& grad_z, const at::Tensor& noise, at::Tensor& step, double lr,
                          int64_t total_steps, int64_t schedule, double beta1, double beta2, double eps,
                          double weight_decay) {
-  const std::array<const at::Tensor*, 9> ts = {&mu, &logvar, &exp_avg_mu, &exp_avg_sq_mu, &exp_avg_logvar,
-                                               &exp_avg_sq_logvar, &z, &grad_z, &noise};
+  const std::array<const at::Tensor*, 9> ts = {
+      &mu, &logvar, &exp_avg_mu, &exp_avg_sq_mu, &exp_avg_logvar, &exp_avg_sq_logvar, &z, &grad_z, &noise};
   const at::Tensor g = grad_z.contiguous();
   const at::Tensor e = noise.contiguous();
   check_posterior_step_inputs(ts, {&g, &e}, step, lr, total_steps, schedule, beta1, beta2, eps, weight_decay);
@@ -192,8 +190,6 @@ void posterior_step_cuda(at::Tensor& mu, at::Tensor& logvar, at::Tensor& exp_avg
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ltm, CUDA, m) {
-  m.impl("posterior_step", &posterior_step_cuda);
-}
+TORCH_LIBRARY_IMPL(ltm, CUDA, m) { m.impl("posterior_step", &posterior_step_cuda); }
 
 }  // namespace ltm

@@ -1,4 +1,5 @@
 """benchmarks/bench_attention.py at a tiny size on CPU: the JSON it writes and the correctness gate."""
+
 import importlib.util
 import json
 from pathlib import Path
@@ -25,9 +26,30 @@ def test_exact_window_flops():
 
 def test_writes_the_result_file(tmp_path):
     out = tmp_path / "attention.json"
-    result = load().main(["--device", "cpu", "--batch", "2", "--heads", "2", "--seq", "37", "--window", "5",
-                          "--head-dim", "16", "--latents", "3", "--repeats", "2", "--warmup", "0",
-                          "--out", str(out)])
+    result = load().main(
+        [
+            "--device",
+            "cpu",
+            "--batch",
+            "2",
+            "--heads",
+            "2",
+            "--seq",
+            "37",
+            "--window",
+            "5",
+            "--head-dim",
+            "16",
+            "--latents",
+            "3",
+            "--repeats",
+            "2",
+            "--warmup",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     on_disk = json.loads(out.read_text())
     assert on_disk == json.loads(json.dumps(result))
     assert on_disk["benchmark"] == "attention" and on_disk["commit"] and on_disk["device"]["torch"]

@@ -1,4 +1,5 @@
 """benchmarks/bench_lm_head.py at a tiny size on CPU: the JSON it writes and the correctness gate."""
+
 import importlib.util
 import json
 from pathlib import Path
@@ -15,8 +16,28 @@ def load():
 
 def test_writes_the_result_file(tmp_path):
     out = tmp_path / "lm_head.json"
-    result = load().main(["--device", "cpu", "--tokens", "96", "--batch", "3", "--d", "16", "--vocab", "4099",
-                          "--chunk-size", "16", "--repeats", "2", "--warmup", "0", "--out", str(out)])
+    result = load().main(
+        [
+            "--device",
+            "cpu",
+            "--tokens",
+            "96",
+            "--batch",
+            "3",
+            "--d",
+            "16",
+            "--vocab",
+            "4099",
+            "--chunk-size",
+            "16",
+            "--repeats",
+            "2",
+            "--warmup",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     on_disk = json.loads(out.read_text())
     assert on_disk == json.loads(json.dumps(result))
     assert on_disk["benchmark"] == "lm_head" and on_disk["commit"] and on_disk["device"]["torch"]

@@ -1,4 +1,5 @@
 """benchmarks/common.py: CPU timing samples, the environment record, the result writer."""
+
 import datetime as dt
 import json
 

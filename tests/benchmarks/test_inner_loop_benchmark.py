@@ -1,4 +1,5 @@
 """benchmarks/inner_loop.py at a tiny size: the JSON it writes, the correctness gate, sweeps, training mode."""
+
 import importlib.util
 import json
 from pathlib import Path
@@ -18,8 +19,21 @@ def bench():
     return module
 
 
-TINY = ["--preset", "ltm-tiny", "--batch", "2", "--seq", "24", "--steps", "3", "--device", "cpu", "--dtype", "fp32",
-        "--no-memory"]
+TINY = [
+    "--preset",
+    "ltm-tiny",
+    "--batch",
+    "2",
+    "--seq",
+    "24",
+    "--steps",
+    "3",
+    "--device",
+    "cpu",
+    "--dtype",
+    "fp32",
+    "--no-memory",
+]
 
 
 def test_writes_the_result_file(bench, tmp_path):
@@ -46,7 +60,7 @@ def test_writes_the_result_file(bench, tmp_path):
         assert len(row["times_s"]) == 1 and row["ms_per_loop"] > 0 and row["tokens_per_s"] > 0
         assert 0 < row["mfu_vs_measured_matmul"]
         # Each variant's own process: a high-water mark above torch's import, and the run's page faults.
-        assert row["peak_memory_bytes"] > 10 ** 8 and row["minor_faults_per_loop"] >= 0
+        assert row["peak_memory_bytes"] > 10**8 and row["minor_faults_per_loop"] >= 0
     assert rows["reference"]["speedup_vs_reference"] == pytest.approx(1.0)
     assert rows["fused+graph"]["status"] == "unavailable" and "CUDA" in rows["fused+graph"]["reason"]
 
@@ -58,6 +72,7 @@ def test_cpu_timed_runs_are_interleaved_across_variants(bench, tmp_path, monkeyp
     def logged(run, device, repeats, faults=None):
         order.append(run)
         return time_runs(run, device, repeats, faults)
+
     monkeypatch.setattr(bench, "time_runs", logged)
     result = bench.main(TINY + ["--variants", "eager,fused", "--repeats", "3", "--out", str(tmp_path / "r.json")])
     rows = result["runs"][0]["variants"]
@@ -67,19 +82,22 @@ def test_cpu_timed_runs_are_interleaved_across_variants(bench, tmp_path, monkeyp
 
 
 def test_a_wrong_variant_is_reported_not_timed(bench, tmp_path):
-    result = bench.main(TINY + ["--variants", "eager,reference", "--out", str(tmp_path / "r.json")],
-                        wrong_variant="reference")
+    result = bench.main(
+        TINY + ["--variants", "eager,reference", "--out", str(tmp_path / "r.json")], wrong_variant="reference"
+    )
     rows = result["runs"][0]["variants"]
     assert rows["reference"]["status"] == "wrong" and "times_s" not in rows["reference"]
     assert rows["eager"]["status"] == "ok"
 
 
 def test_sweep_and_training_mode(bench, tmp_path):
-    result = bench.main(TINY + ["--variants", "eager", "--sweep", "steps", "--sweep-values", "1,2",
-                                "--out", str(tmp_path / "s.json")])
+    result = bench.main(
+        TINY + ["--variants", "eager", "--sweep", "steps", "--sweep-values", "1,2", "--out", str(tmp_path / "s.json")]
+    )
     assert [run["config"]["steps"] for run in result["runs"]] == [1, 2]
-    result = bench.main(TINY + ["--variants", "eager", "--sweep", "latents", "--sweep-values", "1,2",
-                                "--out", str(tmp_path / "l.json")])
+    result = bench.main(
+        TINY + ["--variants", "eager", "--sweep", "latents", "--sweep-values", "1,2", "--out", str(tmp_path / "l.json")]
+    )
     assert [run["config"]["n_z"] for run in result["runs"]] == [2, 4]
     result = bench.main(TINY + ["--variants", "reference,fused", "--train", "--out", str(tmp_path / "t.json")])
     assert result["benchmark"] == "inner_loop_train"

@@ -1,5 +1,6 @@
 """benchmarks/test_micro_benchmarks.py runs: every op and implementation once at tiny shapes
 (--benchmark-disable: no timing), and without the benchmark flags the folder is skipped, not timed."""
+
 import os
 import subprocess
 import sys
@@ -13,8 +14,14 @@ pytest.importorskip("pytest_benchmark", reason="pytest-benchmark (the test extra
 
 def run_pytest(*args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # benchmarks never use the interpreter
-    return subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider", "-rs",
-                           *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider", "-rs", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
 
 
 def test_every_micro_benchmark_runs_at_tiny_sizes():

@@ -1,15 +1,16 @@
 """The dispatch point (ltm.backends) and the cpp backend's agreement with eager."""
+
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from triton_helpers import assert_close, interpreter
 
 import ltm_kernels
 from ltm import BackendUnavailableError, LTMConfig, LTMDecoder, backend_status
 from ltm.backends import decode_attention, select_ops
+from triton_helpers import assert_close, interpreter
 
 CFG = LTMConfig.from_name("ltm-tiny")
 EXTENSION_OK, EXTENSION_REASON = ltm_kernels.extension_status()
@@ -91,8 +92,11 @@ def test_triton_model_equals_eager_under_the_interpreter(window):
     mu, noise = (torch.randn(2, cfg.n_z, cfg.d_model, generator=g) for _ in range(2))
     logvar = -2 + 0.1 * torch.randn(2, cfg.n_z, cfg.d_model, generator=g)
     assert_close(fused(tokens, mu), eager(tokens, mu), 1e-5, "logits")
-    for name, got, want in zip(("nll", "kl"), fused.elbo_terms(tokens, targets, mu, logvar, noise),
-                               eager.elbo_terms(tokens, targets, mu, logvar, noise)):
+    for name, got, want in zip(
+        ("nll", "kl"),
+        fused.elbo_terms(tokens, targets, mu, logvar, noise),
+        eager.elbo_terms(tokens, targets, mu, logvar, noise),
+    ):
         assert_close(got, want, 1e-5, name)
     kw = dict(steps=2, mu=mu, logvar=logvar, noise=noise)
     a, b = eager.infer_posterior(tokens, targets, **kw), fused.infer_posterior(tokens, targets, **kw)

@@ -1,4 +1,5 @@
 """Our checkpoint format (safetensors + JSON) and safe reading of published checkpoint files."""
+
 import json
 import pickle
 
@@ -75,8 +76,9 @@ def test_bare_state_dict_needs_or_infers_the_latent_count():
     odd = LTMDecoder(odd_cfg, backend="eager")
     with pytest.raises(ValueError, match="n_z"):
         LTMDecoder.from_published_checkpoint(odd.state_dict())
-    loaded = LTMDecoder.from_published_checkpoint(odd.state_dict(), backend="eager", n_z=8, n_head=2, max_seq_len=64,
-                                                  window_size=16)
+    loaded = LTMDecoder.from_published_checkpoint(
+        odd.state_dict(), backend="eager", n_z=8, n_head=2, max_seq_len=64, window_size=16
+    )
     assert torch.equal(logits_of(loaded), logits_of(odd))
     # Published checkpoints carry no tokenizer name; a vocabulary of exactly 258 ids is the byte tokenizer.
     assert loaded.cfg.encoding == "bytes"

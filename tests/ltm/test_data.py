@@ -1,4 +1,5 @@
 """Token files (ltm.data.prepare / TokenData) and the deterministic window sampler."""
+
 import json
 
 import numpy as np
@@ -16,7 +17,7 @@ def make_inputs(tmp_path):
     (tmp_path / "corpus" / "a.txt").write_text("first doc")
     (tmp_path / "corpus" / "sub" / "b.md").write_text("second")
     (tmp_path / "corpus" / "skip.bin").write_bytes(b"\xff\xfe")  # not a text suffix: ignored
-    (tmp_path / "corpus" / "empty.txt").write_text("")            # empty documents are skipped
+    (tmp_path / "corpus" / "empty.txt").write_text("")  # empty documents are skipped
     (tmp_path / "c.jsonl").write_text('{"text": "third"}\n\n"fourth"\n')
     return [tmp_path / "corpus", tmp_path / "c.jsonl"]
 

@@ -1,5 +1,6 @@
 """The inner-loop engine (ltm.engine.InnerLoop) against the eager loop, its static-buffer / no-sync contract,
 and on a GPU its CUDA graph."""
+
 import pytest
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -136,10 +137,16 @@ class _Trace(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {StorageWeakRef(t.untyped_storage()).cdata
-                  for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        new = [t for t in tree_flatten(out)[0]
-               if isinstance(t, torch.Tensor) and StorageWeakRef(t.untyped_storage()).cdata not in inputs]
+        inputs = {
+            StorageWeakRef(t.untyped_storage()).cdata
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, torch.Tensor)
+        }
+        new = [
+            t
+            for t in tree_flatten(out)[0]
+            if isinstance(t, torch.Tensor) and StorageWeakRef(t.untyped_storage()).cdata not in inputs
+        ]
         devices = {t.device for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)}
         self.calls.append((str(func), tuple((tuple(t.shape), t.dtype) for t in new), tuple(sorted(map(str, devices)))))
         self.created.append([StorageWeakRef(t.untyped_storage()) for t in new])
@@ -147,8 +154,17 @@ class _Trace(TorchDispatchMode):
 
 
 # Ops that read a tensor's value on the host (a device sync on CUDA) or whose output shape depends on values.
-_SYNCING = ("aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.is_nonzero", "aten.equal",
-            "aten.masked_select", "aten.unique", "aten._unique", "aten.allclose")
+_SYNCING = (
+    "aten._local_scalar_dense",
+    "aten.item",
+    "aten.nonzero",
+    "aten.is_nonzero",
+    "aten.equal",
+    "aten.masked_select",
+    "aten.unique",
+    "aten._unique",
+    "aten.allclose",
+)
 
 
 @pytest.mark.parametrize("backend", ["auto", "eager"])
@@ -201,8 +217,10 @@ def test_graph_replay_equals_eager_execution_bit_for_bit(batch, dtype):
     new batches copied into the static inputs; neither path synchronises with the host."""
     (model,) = make_models(dtype, "cuda", backends=("auto",))
     a, b = make_batch(batch, 40, seed=1, device="cuda"), make_batch(batch, 40, seed=2, device="cuda")
-    with InnerLoop(model, batch, 40, steps=6, graph=True) as graphed, \
-            InnerLoop(model, batch, 40, steps=6, graph=False) as plain:
+    with (
+        InnerLoop(model, batch, 40, steps=6, graph=True) as graphed,
+        InnerLoop(model, batch, 40, steps=6, graph=False) as plain,
+    ):
         for i, (tokens, targets) in enumerate((a, b, a)):  # capture on a, replay on b, replay on a
             for loop in (graphed, plain):
                 loop.load(tokens, targets, generator=torch.Generator(device="cuda").manual_seed(7 + i))
@@ -226,7 +244,7 @@ def test_graph_matches_the_eager_loop_and_new_batches_get_their_answer():
     with InnerLoop(auto, 3, 40, steps=8) as loop:
         for seed in (1, 2):
             tokens, targets = make_batch(3, 40, seed=seed, device="cuda")
-            g = lambda: torch.Generator(device="cuda").manual_seed(seed)  # noqa: E731
+            g = lambda seed=seed: torch.Generator(device="cuda").manual_seed(seed)  # noqa: E731
             got = loop.run(tokens, targets, generator=g())
             want = eager.infer_posterior(tokens, targets, steps=8, generator=g())
             for name in FIELDS:

@@ -1,4 +1,5 @@
 """ELBO evaluation (ltm.evaluate), and the acceptance test: an LTM learns sequence-level structure."""
+
 import json
 import math
 
@@ -94,26 +95,58 @@ def test_ltm_learns_sequence_level_structure(tmp_path):
     """
     train_tokens = markov_corpus(2000, seed=1)
     train_tokens.astype("<u2").tofile(tmp_path / "syn.bin")
-    (tmp_path / "syn.json").write_text(json.dumps(dict(
-        format="ltm-tokens", version=1, encoding="bytes", vocab_size=258, dtype="uint16", n_tokens=len(train_tokens),
-        n_documents=2000, bos_id=257, eos_id=256, sources=["synthetic"])))
-    common = dict(data=str(tmp_path / "syn"), model_overrides={"window_size": 1, "n_z": 2}, seq_len=DOC_LEN + 1,
-                  batch_size=16, max_steps=200, warmup_steps=20, lr=3e-3, min_lr=3e-4, sampling="blocks", seed=0,
-                  inner_steps=8, inner_lr=0.34, inner_schedule="cosine", backend="eager", device="cpu",
-                  ckpt_interval=10**6, log_interval=50, progress=False)
+    (tmp_path / "syn.json").write_text(
+        json.dumps(
+            dict(
+                format="ltm-tokens",
+                version=1,
+                encoding="bytes",
+                vocab_size=258,
+                dtype="uint16",
+                n_tokens=len(train_tokens),
+                n_documents=2000,
+                bos_id=257,
+                eos_id=256,
+                sources=["synthetic"],
+            )
+        )
+    )
+    common = dict(
+        data=str(tmp_path / "syn"),
+        model_overrides={"window_size": 1, "n_z": 2},
+        seq_len=DOC_LEN + 1,
+        batch_size=16,
+        max_steps=200,
+        warmup_steps=20,
+        lr=3e-3,
+        min_lr=3e-4,
+        sampling="blocks",
+        seed=0,
+        inner_steps=8,
+        inner_lr=0.34,
+        inner_schedule="cosine",
+        backend="eager",
+        device="cpu",
+        ckpt_interval=10**6,
+        log_interval=50,
+        progress=False,
+    )
     ltm_model = train(TrainConfig(out_dir=str(tmp_path / "ltm"), **common)).model
     plain = train(TrainConfig(out_dir=str(tmp_path / "plain"), latents="zero", **common)).model
 
     held_out = markov_corpus(64, seed=2)
-    t0, t16 = elbo_eval(ltm_model, held_out, steps=[0, 16], seq_len=DOC_LEN + 1, batch_size=64, lr=1.0,
-                        schedule="linear")
+    t0, t16 = elbo_eval(
+        ltm_model, held_out, steps=[0, 16], seq_len=DOC_LEN + 1, batch_size=64, lr=1.0, schedule="linear"
+    )
     w = torch.stack(eval_blocks(held_out, DOC_LEN + 1))
     with torch.no_grad():
         z = torch.zeros(len(w), plain.cfg.n_z, plain.cfg.d_model)
         plain_nll = float(plain.sequence_nll(w[:, :-1], w[:, 1:], z).sum()) / w[:, 1:].numel()
-    print(f"\nplain LM nll/token {plain_nll:.3f}; LTM T=0 nelbo/token {t0['nelbo_per_token']:.3f} "
-          f"(nll {t0['nll_per_token']:.3f}); T=16 nelbo/token {t16['nelbo_per_token']:.3f} "
-          f"(nll {t16['nll_per_token']:.3f}, kl/seq {t16['kl_per_seq']:.1f})")
+    print(
+        f"\nplain LM nll/token {plain_nll:.3f}; LTM T=0 nelbo/token {t0['nelbo_per_token']:.3f} "
+        f"(nll {t0['nll_per_token']:.3f}); T=16 nelbo/token {t16['nelbo_per_token']:.3f} "
+        f"(nll {t16['nll_per_token']:.3f}, kl/seq {t16['kl_per_seq']:.1f})"
+    )
     assert t16["nelbo_per_token"] < t0["nelbo_per_token"] - 1.0
     assert t16["nll_per_token"] < t0["nll_per_token"] - 0.5, "z must carry information, not only lower the KL"
     assert t16["nelbo_per_token"] < plain_nll - 0.2, "the LTM bound must clearly beat the plain causal LM"

@@ -1,6 +1,7 @@
 """Fault injection: a concurrent run, SIGINT / SIGTERM mid-run and during a save, SIGKILL during a save, a
 diverging inner loop. After each fault the run resumes to exactly the weights of an uninterrupted run, and
 metrics.jsonl holds every step once."""
+
 import json
 import os
 import signal
@@ -34,9 +35,23 @@ def data(tmp_path_factory):
 
 
 def settings(data, out_dir, **kw):
-    values = dict(data=data, out_dir=str(out_dir), model_overrides=SMALL, seq_len=8, batch_size=2,
-                  max_steps=MAX_STEPS, warmup_steps=2, lr=1e-2, min_lr=1e-3, inner_steps=1, log_interval=1,
-                  ckpt_interval=2, backend="eager", device="cpu", progress=False)
+    values = dict(
+        data=data,
+        out_dir=str(out_dir),
+        model_overrides=SMALL,
+        seq_len=8,
+        batch_size=2,
+        max_steps=MAX_STEPS,
+        warmup_steps=2,
+        lr=1e-2,
+        min_lr=1e-3,
+        inner_steps=1,
+        log_interval=1,
+        ckpt_interval=2,
+        backend="eager",
+        device="cpu",
+        progress=False,
+    )
     return {**values, **kw}
 
 
@@ -103,16 +118,25 @@ _FAULTY_TRAIN = textwrap.dedent("""
 
 
 def run_faulty(signame, where, at, values):
-    return subprocess.run([sys.executable, "-c", _FAULTY_TRAIN, signame, where, str(at), *cli_args(values)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", _FAULTY_TRAIN, signame, where, str(at), *cli_args(values)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
-@pytest.mark.parametrize("signame, where, at, stopped_at", [
-    ("SIGINT", "step", 2, 3),    # the step in progress completes, then a checkpoint
-    ("SIGTERM", "save", 2, 3),   # the save completes; the run stops after the next step
-])
-def test_signal_saves_a_checkpoint_and_resume_is_bit_identical(data, tmp_path, uninterrupted, signame, where, at,
-                                                                stopped_at):
+@pytest.mark.parametrize(
+    "signame, where, at, stopped_at",
+    [
+        ("SIGINT", "step", 2, 3),  # the step in progress completes, then a checkpoint
+        ("SIGTERM", "save", 2, 3),  # the save completes; the run stops after the next step
+    ],
+)
+def test_signal_saves_a_checkpoint_and_resume_is_bit_identical(
+    data, tmp_path, uninterrupted, signame, where, at, stopped_at
+):
     values = settings(data, tmp_path / "run")
     proc = run_faulty(signame, where, at, values)
     signum = getattr(signal, signame)
@@ -133,9 +157,9 @@ def test_kill_during_save_keeps_the_old_checkpoint_and_resume_cleans_up(data, tm
     proc = run_faulty("SIGKILL", "save", 4, values)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     run = tmp_path / "run"
-    assert load_checkpoint(run / "ckpt.pt")["step"] == 2   # the checkpoint before the killed save, intact
-    assert len(list(run.glob(".ckpt.pt.*"))) == 1          # the killed save's partial file
-    assert metric_steps(run) == [1, 2, 3, 4]               # steps 3, 4 were logged but not checkpointed
+    assert load_checkpoint(run / "ckpt.pt")["step"] == 2  # the checkpoint before the killed save, intact
+    assert len(list(run.glob(".ckpt.pt.*"))) == 1  # the killed save's partial file
+    assert metric_steps(run) == [1, 2, 3, 4]  # steps 3, 4 were logged but not checkpointed
     result = train(TrainConfig(**values))
     assert list(run.glob(".ckpt.pt.*")) == []
     assert_same_run(load_checkpoint(result.checkpoint), uninterrupted)
@@ -154,8 +178,9 @@ _HOLD_LOCK = textwrap.dedent("""
 def test_a_second_run_on_the_same_directory_is_refused(data, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(run)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(DirectoryInUseError, match=rf"in use by another ltm train \(pid {holder.pid} "):
@@ -201,8 +226,14 @@ def test_files_follow_the_umask(data, tmp_path):
         model.save_pretrained(tmp_path / "pretrained")
     finally:
         os.umask(old)
-    written = [tmp_path / "d.bin", tmp_path / "d.json", result.checkpoint, result.metrics,
-               tmp_path / "pretrained" / "model.safetensors", tmp_path / "pretrained" / "config.json"]
+    written = [
+        tmp_path / "d.bin",
+        tmp_path / "d.json",
+        result.checkpoint,
+        result.metrics,
+        tmp_path / "pretrained" / "model.safetensors",
+        tmp_path / "pretrained" / "config.json",
+    ]
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: "0o640" for p in written}
 
 
@@ -214,11 +245,14 @@ def _batch(cfg, batch=2, n=12):
 
 
 @pytest.mark.parametrize("backend", ["eager", "auto"])  # auto: the engine (ltm.engine), C++ ops where built
-@pytest.mark.parametrize("case, kwargs, message", [
-    ("lr", dict(lr=1e6, schedule="constant", steps=3), r"diverged: after 3 steps .*smaller lr \(given: lr=1e\+06"),
-    ("logvar", dict(logvar=100.0, steps=0), r"logvar in \[-30, 30\] \(given: \[100, 100\]\)"),
-    ("mu", dict(mu=1e20, steps=2), r"\|mu\| <= 10000 \(given: up to 1e\+20\)"),
-])
+@pytest.mark.parametrize(
+    "case, kwargs, message",
+    [
+        ("lr", dict(lr=1e6, schedule="constant", steps=3), r"diverged: after 3 steps .*smaller lr \(given: lr=1e\+06"),
+        ("logvar", dict(logvar=100.0, steps=0), r"logvar in \[-30, 30\] \(given: \[100, 100\]\)"),
+        ("mu", dict(mu=1e20, steps=2), r"\|mu\| <= 10000 \(given: up to 1e\+20\)"),
+    ],
+)
 def test_diverging_inner_loop_is_an_error_naming_the_cause(backend, case, kwargs, message):
     torch.manual_seed(0)
     model = LTMDecoder(LTMConfig.from_name("ltm-tiny"), backend=backend)
@@ -234,15 +268,39 @@ def test_diverging_inner_loop_is_an_error_naming_the_cause(backend, case, kwargs
     if case != "lr":
         z_noise = torch.zeros(shape)
         with pytest.raises(NonFiniteError, match="elbo_terms: "):
-            model.elbo_terms(tokens, targets, kwargs.get("mu", torch.zeros(shape)),
-                             kwargs.get("logvar", torch.zeros(shape)), z_noise + 1.0)
+            model.elbo_terms(
+                tokens,
+                targets,
+                kwargs.get("mu", torch.zeros(shape)),
+                kwargs.get("logvar", torch.zeros(shape)),
+                z_noise + 1.0,
+            )
 
 
 def test_generate_names_the_diverged_inner_loop(data, tmp_path, capsys):
     from ltm.cli import main
 
     ckpt = train(TrainConfig(**settings(data, tmp_path / "run", max_steps=1))).checkpoint
-    assert main(["generate", str(ckpt), "--prompt", "abc", "--inner-lr", "1e9", "--inner-schedule", "constant",
-                 "--inner-steps", "2", "--max-new-tokens", "2", "--backend", "eager"]) == 1
+    assert (
+        main(
+            [
+                "generate",
+                str(ckpt),
+                "--prompt",
+                "abc",
+                "--inner-lr",
+                "1e9",
+                "--inner-schedule",
+                "constant",
+                "--inner-steps",
+                "2",
+                "--max-new-tokens",
+                "2",
+                "--backend",
+                "eager",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "inner loop diverged" in err and "smaller lr" in err

@@ -1,4 +1,5 @@
 """Few-shot harness: reading QA files, prompt layout, exact-match scoring."""
+
 import json
 
 import pytest

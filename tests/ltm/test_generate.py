@@ -1,4 +1,5 @@
 """Generation: the KV cache against full recomputation, sampling filters, conditional/unconditional text."""
+
 import io
 
 import pytest
@@ -66,8 +67,17 @@ def test_generate_text_streams_what_it_returns():
     model = model_with(8, dtype=torch.float32)
     for conditional in (True, False):
         stream = io.StringIO()
-        text = generate_text(model, "ab", max_new_tokens=12, conditional=conditional, steps=2, temperature=0.8,
-                             top_k=50, seed=1, stream=stream)
+        text = generate_text(
+            model,
+            "ab",
+            max_new_tokens=12,
+            conditional=conditional,
+            steps=2,
+            temperature=0.8,
+            top_k=50,
+            seed=1,
+            stream=stream,
+        )
         assert stream.getvalue() == text and isinstance(text, str)
     a = generate_text(model, "ab", max_new_tokens=8, steps=2, seed=3)
     assert a == generate_text(model, "ab", max_new_tokens=8, steps=2, seed=3)  # seeded: reproducible

@@ -1,11 +1,14 @@
 """The eager model and inner loop on a CUDA device (run by `pytest -m gpu` on a GPU machine)."""
+
 import pytest
 import torch
 
 from ltm import LTMConfig, LTMDecoder
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: GPU tests not run")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: GPU tests not run"),
+]
 
 CFG = LTMConfig.from_name("ltm-tiny")
 
@@ -14,8 +17,11 @@ def batch(device, n=48, b=3):
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, CFG.vocab_size, (b, n + 1), generator=g)
     shape = (b, CFG.n_z, CFG.d_model)
-    latents = [0.3 * torch.randn(shape, generator=g), -2 + 0.1 * torch.randn(shape, generator=g),
-               torch.randn(shape, generator=g)]
+    latents = [
+        0.3 * torch.randn(shape, generator=g),
+        -2 + 0.1 * torch.randn(shape, generator=g),
+        torch.randn(shape, generator=g),
+    ]
     return [t.to(device) for t in (tokens[:, :-1], tokens[:, 1:], *latents)]
 
 

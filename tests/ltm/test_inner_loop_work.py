@@ -72,8 +72,10 @@ def test_matches_the_eager_loop(loop):
     eager.load_state_dict(model.state_dict())
     loop.execute()
     got = loop.result()
-    want = eager.infer_posterior(loop.tokens, loop.targets, steps=loop.steps, mu=loop.mu0, logvar=loop.logvar0,
-                                 noise=loop.noise)
+    want = eager.infer_posterior(
+        loop.tokens, loop.targets, steps=loop.steps, mu=loop.mu0, logvar=loop.logvar0, noise=loop.noise
+    )
     for name in ("mu", "logvar", "z", "nll", "kl"):
-        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=2e-5, atol=2e-5,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            getattr(got, name), getattr(want, name), rtol=2e-5, atol=2e-5, msg=lambda m, name=name: f"{name}: {m}"
+        )

@@ -12,6 +12,7 @@ silently computes a norm or a projection in fp32) fails. `test_tolerance_discrim
 proves that plausible mistakes (rotate-half RoPE, window off by one, wrong latent positions, wrong
 latent-to-layer mapping, wrong eps, ...) move the logits by orders of magnitude more than the tolerance.
 """
+
 from __future__ import annotations
 
 import math
@@ -92,9 +93,22 @@ def window_mask(N: int, W: int) -> torch.Tensor:
     return (m <= n) & (m >= n - W + 1)
 
 
-def ref_logits(sd, cfg: LTMConfig, tokens, z, *, table_dtype=torch.float32, pairing="adjacent",
-               window=None, latent_pos_stride=None, rope_on_latent_k=True, rope_on_cross_q=True,
-               layer_block=None, scale=None, eps=None):
+def ref_logits(
+    sd,
+    cfg: LTMConfig,
+    tokens,
+    z,
+    *,
+    table_dtype=torch.float32,
+    pairing="adjacent",
+    window=None,
+    latent_pos_stride=None,
+    rope_on_latent_k=True,
+    rope_on_cross_q=True,
+    layer_block=None,
+    scale=None,
+    eps=None,
+):
     """Logits of docs/model.md, 'The decoder'. Keyword arguments other than table_dtype exist only to build
     deliberately wrong variants for `test_tolerance_discriminates_spec_mistakes`."""
     sd = {k: v.to(F64) for k, v in sd.items()}
@@ -112,7 +126,7 @@ def ref_logits(sd, cfg: LTMConfig, tokens, z, *, table_dtype=torch.float32, pair
     no_mask = torch.ones(N, nzpl, dtype=torch.bool)
 
     E = sd["tok_embeddings.weight"]
-    x = E[tokens]                                                       # (B, N, d)
+    x = E[tokens]  # (B, N, d)
     for i in range(L):
         p = f"layers.{i}."
         # self-attention, causal sliding window, RoPE on q and k at token positions
@@ -127,7 +141,7 @@ def ref_logits(sd, cfg: LTMConfig, tokens, z, *, table_dtype=torch.float32, pair
         h = x + attend(q, k, v, causal_window) @ sd[p + "attention.wo.weight"].T
         # cross-attention to this layer's own latents
         blk = i if layer_block is None else layer_block(i)
-        zi = z[:, blk * nzpl:(blk + 1) * nzpl]                          # (B, nzpl, d), no norm
+        zi = z[:, blk * nzpl : (blk + 1) * nzpl]  # (B, nzpl, d), no norm
         c = rms_norm(h, sd[p + "cross_attention_norm.weight"], eps)
         q = (c @ sd[p + "cross_attention.wq.weight"].T).view(B, N, H, hd)
         k = (zi @ sd[p + "cross_attention.wk.weight"].T).view(B, nzpl, H, hd)
@@ -143,7 +157,7 @@ def ref_logits(sd, cfg: LTMConfig, tokens, z, *, table_dtype=torch.float32, pair
         up = f @ sd[p + "feed_forward.up_proj.weight"].T
         x = h + (F.silu(gate) * up) @ sd[p + "feed_forward.down_proj.weight"].T
     x = rms_norm(x, sd["norm.weight"], eps)
-    return x @ E.T                                                      # tied output projection
+    return x @ E.T  # tied output projection
 
 
 def ref_nll(logits, targets):
@@ -176,7 +190,7 @@ def first_mismatch(got, want, atol):
     return f"{idx}: got {got[idx].item()!r}, want {want[idx].item()!r} ({len(bad)} entries off)"
 
 
-TOL = 1e-10   # relative to max|logits|
+TOL = 1e-10  # relative to max|logits|
 
 
 def closest_reference(got, sd, cfg, tokens, z):
@@ -194,14 +208,14 @@ def closest_reference(got, sd, cfg, tokens, z):
 
 # name, overrides of ltm-tiny, batch, N, seed[, random_published_sd kwargs]
 CASES = [
-    ("tiny", {}, 3, 37, 0),                                              # N odd, > window 16
-    ("tiny-full-context", {}, 2, 64, 1),                                 # N == max_seq_len
+    ("tiny", {}, 3, 37, 0),  # N odd, > window 16
+    ("tiny-full-context", {}, 2, 64, 1),  # N == max_seq_len
     ("tiny-one-token", {}, 2, 1, 2),
-    ("3layer-window1", dict(n_layer=3, n_z=12, window_size=1), 2, 23, 3),        # latent stride 64//12 = 5
-    ("3layer-window-ge-N", dict(n_layer=3, n_z=9, window_size=64), 3, 50, 4),    # stride 7, nzpl 3
-    ("1layer-window-eq-N", dict(n_layer=1, n_z=5, window_size=29), 2, 29, 5),    # stride 12
+    ("3layer-window1", dict(n_layer=3, n_z=12, window_size=1), 2, 23, 3),  # latent stride 64//12 = 5
+    ("3layer-window-ge-N", dict(n_layer=3, n_z=9, window_size=64), 3, 50, 4),  # stride 7, nzpl 3
+    ("1layer-window-eq-N", dict(n_layer=1, n_z=5, window_size=29), 2, 29, 5),  # stride 12
     ("4heads-hd16", dict(n_head=4, n_z=6, max_seq_len=48, window_size=7), 2, 45, 6),  # head_dim 16
-    ("tiny-small-embeddings", {}, 2, 37, 7, dict(emb_std=0.003)),        # mean(x^2) ~ eps: eps matters
+    ("tiny-small-embeddings", {}, 2, 37, 7, dict(emb_std=0.003)),  # mean(x^2) ~ eps: eps matters
 ]
 
 
@@ -219,8 +233,10 @@ def test_logits_match_independent_reference(case):
     assert got.dtype == F64
     print(f"{name}:")
     err, want, table_dtype, scale = closest_reference(got, sd, cfg, tokens, z)
-    assert err <= TOL, (f"{name}: rel err {err:.3g} > {TOL:g} (closest: {table_dtype} tables); "
-                        f"first mismatch {first_mismatch(got, want, TOL * scale)}")
+    assert err <= TOL, (
+        f"{name}: rel err {err:.3g} > {TOL:g} (closest: {table_dtype} tables); "
+        f"first mismatch {first_mismatch(got, want, TOL * scale)}"
+    )
 
 
 def test_attention_is_not_trivially_uniform():
@@ -232,9 +248,9 @@ def test_attention_is_not_trivially_uniform():
     x = sd["tok_embeddings.weight"][tokens]
     a = rms_norm(x, sd["layers.0.attention_norm.weight"], cfg.norm_eps)
     hd = cfg.head_dim
-    q = (a @ sd["layers.0.attention.wq.weight"].T)[..., :hd]          # head 0
+    q = (a @ sd["layers.0.attention.wq.weight"].T)[..., :hd]  # head 0
     k = (a @ sd["layers.0.attention.wk.weight"].T)[..., :hd]
-    s = torch.einsum("bqd,bkd->bqk", q, k)[:, 20, 5:21] / math.sqrt(hd)   # query 20, its 16-token window
+    s = torch.einsum("bqd,bkd->bqk", q, k)[:, 20, 5:21] / math.sqrt(hd)  # query 20, its 16-token window
     p = torch.softmax(s, -1)
     assert p.max().item() > 3.0 / 16, f"attention nearly uniform: max prob {p.max().item():.3f}"
 
@@ -337,7 +353,7 @@ def _pos_change(model, tokens, z, tokens2):
     with torch.no_grad():
         a = model(tokens, z)
         b = model(tokens2, z)
-    return (a - b).abs().amax(dim=(0, 2)), a.abs().max().item()   # (N,), scale
+    return (a - b).abs().amax(dim=(0, 2)), a.abs().max().item()  # (N,), scale
 
 
 @pytest.mark.parametrize("cut", [0, 13, 38])
@@ -346,11 +362,11 @@ def test_causality(cut):
     model = make_model(cfg, random_published_sd(cfg, 31))
     tokens, z = rand_inputs(cfg, 2, 40, 31)
     tokens2 = tokens.clone()
-    tokens2[:, cut + 1:] = (tokens[:, cut + 1:] + 1 + torch.arange(40 - cut - 1)) % cfg.vocab_size
+    tokens2[:, cut + 1 :] = (tokens[:, cut + 1 :] + 1 + torch.arange(40 - cut - 1)) % cfg.vocab_size
     change, scale = _pos_change(model, tokens, z, tokens2)
-    leaked = (change[:cut + 1] > 1e-12 * scale).nonzero().flatten().tolist()
-    assert not leaked, f"positions {leaked} changed when only tokens after {cut} changed: {change[:cut + 1]}"
-    assert (change[cut + 1:] > 1e-6 * scale).all(), "later positions should see their own changed tokens"
+    leaked = (change[: cut + 1] > 1e-12 * scale).nonzero().flatten().tolist()
+    assert not leaked, f"positions {leaked} changed when only tokens after {cut} changed: {change[: cut + 1]}"
+    assert (change[cut + 1 :] > 1e-6 * scale).all(), "later positions should see their own changed tokens"
 
 
 def _affected_positions(cfg, W, N, m, seed):
@@ -359,8 +375,8 @@ def _affected_positions(cfg, W, N, m, seed):
     tokens2 = tokens.clone()
     tokens2[:, m] = (tokens[:, m] + 7) % cfg.vocab_size
     change, scale = _pos_change(model, tokens, z, tokens2)
-    changed = (change > 1e-8 * scale)
-    unchanged = (change <= 1e-12 * scale)
+    changed = change > 1e-8 * scale
+    unchanged = change <= 1e-12 * scale
     ambiguous = ~(changed | unchanged)
     assert not ambiguous.any(), f"positions {ambiguous.nonzero().flatten().tolist()} changed by a tiny amount"
     return set(changed.nonzero().flatten().tolist())
@@ -375,8 +391,10 @@ def test_sliding_window_one_layer(W, m):
     N = 24
     got = _affected_positions(cfg, W, N, m, seed=40 + W)
     want = set(range(m, min(m + W, N)))
-    assert got == want, (f"W={W}, changed token {m}: positions affected {sorted(got)}, expected {sorted(want)}; "
-                         f"unexpected {sorted(got - want)}, missing {sorted(want - got)}")
+    assert got == want, (
+        f"W={W}, changed token {m}: positions affected {sorted(got)}, expected {sorted(want)}; "
+        f"unexpected {sorted(got - want)}, missing {sorted(want - got)}"
+    )
 
 
 @pytest.mark.parametrize("W", [1, 4])
@@ -421,8 +439,10 @@ def test_latents_of_each_layer_matter_and_only_through_that_layer():
                 flat = blk * nzpl + j
                 c = _logit_change_from_latent(model_i, tokens, z, flat)
                 if blk == i:
-                    assert c <= 1e-13, (f"layer {i} cross-attn output zeroed, yet latent flat {flat} (layer {i}) "
-                                        f"changes logits by {c:.3g}: it is used by another layer")
+                    assert c <= 1e-13, (
+                        f"layer {i} cross-attn output zeroed, yet latent flat {flat} (layer {i}) "
+                        f"changes logits by {c:.3g}: it is used by another layer"
+                    )
                 else:
                     assert c > 1e-6, f"layer {i} zeroed: latent flat {flat} (layer {blk}) stopped mattering ({c:.3g})"
 

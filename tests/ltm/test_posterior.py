@@ -1,4 +1,5 @@
 """The eager inner loop (docs/model.md, 'The inner loop') against a plain torch.optim.AdamW loop, and its properties."""
+
 import math
 
 import pytest
@@ -52,8 +53,9 @@ def assert_close(got, want, rtol, name):
 def test_infer_posterior_equals_torch_adamw(schedule, steps):
     model = make_model()
     tokens, targets, mu, logvar, noise = make_batch(model.cfg)
-    post = model.infer_posterior(tokens, targets, steps=steps, lr=0.34, schedule=schedule,
-                                 mu=mu, logvar=logvar, noise=noise)
+    post = model.infer_posterior(
+        tokens, targets, steps=steps, lr=0.34, schedule=schedule, mu=mu, logvar=logvar, noise=noise
+    )
     *_, (mu_ref, logvar_ref) = adamw_loop(model, tokens, targets, mu, logvar, noise, steps, 0.34, schedule)
     assert_close(post.mu, mu_ref, 1e-12, "mu")
     assert_close(post.logvar, logvar_ref, 1e-12, "logvar")
@@ -71,10 +73,12 @@ def test_infer_posterior_step_by_step():
     """With a constant lr the loop after k steps is the AdamW loop after k steps, for every k."""
     model = make_model()
     tokens, targets, mu, logvar, noise = make_batch(model.cfg, batch=2, n=20)
-    for k, (mu_ref, logvar_ref) in enumerate(adamw_loop(model, tokens, targets, mu, logvar, noise, 5, 0.1,
-                                                       "constant"), start=1):
-        post = model.infer_posterior(tokens, targets, steps=k, lr=0.1, schedule="constant",
-                                     mu=mu, logvar=logvar, noise=noise)
+    for k, (mu_ref, logvar_ref) in enumerate(
+        adamw_loop(model, tokens, targets, mu, logvar, noise, 5, 0.1, "constant"), start=1
+    ):
+        post = model.infer_posterior(
+            tokens, targets, steps=k, lr=0.1, schedule="constant", mu=mu, logvar=logvar, noise=noise
+        )
         assert_close(post.mu, mu_ref, 1e-12, f"mu after {k} steps")
         assert_close(post.logvar, logvar_ref, 1e-12, f"logvar after {k} steps")
 
@@ -82,7 +86,9 @@ def test_infer_posterior_step_by_step():
 def test_schedules():
     assert scheduled_lr(0, 16, 0.34, "cosine") == pytest.approx(0.34)
     assert scheduled_lr(8, 16, 0.34, "cosine") == pytest.approx(0.034 + 0.5 * 0.306)
-    assert scheduled_lr(15, 16, 0.34, "cosine") == pytest.approx(0.034 + 0.5 * (1 + math.cos(math.pi * 15 / 16)) * 0.306)
+    assert scheduled_lr(15, 16, 0.34, "cosine") == pytest.approx(
+        0.034 + 0.5 * (1 + math.cos(math.pi * 15 / 16)) * 0.306
+    )
     assert scheduled_lr(8, 16, 0.34, "linear") == pytest.approx(0.34 - 0.306 / 2)
     assert scheduled_lr(9, 16, 0.34, "constant") == 0.34
 
@@ -140,7 +146,7 @@ def _train_tiny_ltm(model, data, iters, steps):
     """A few iterations of Algorithm 1: inner loop, then a decoder step on mean CE(x | z)."""
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
-    for it in range(iters):
+    for _ in range(iters):
         idx = torch.randint(0, data.shape[0], (16,), generator=g)
         tokens, targets = data[idx, :-1], data[idx, 1:]
         z = model.infer_posterior(tokens, targets, steps=steps, generator=g).z
@@ -171,13 +177,16 @@ def test_elbo_improves_over_the_inner_loop_on_a_trained_model():
     assert nelbo[2] < 0.8 * nelbo[0], nelbo
 
 
-@pytest.mark.parametrize("kwargs, word", [
-    (dict(steps=-1), "steps"),
-    (dict(steps=2.5), "steps"),
-    (dict(schedule="warmup"), "schedule"),
-    (dict(lr=float("nan")), "lr"),
-    (dict(weight_decay=-1.0), "weight_decay"),
-])
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        (dict(steps=-1), "steps"),
+        (dict(steps=2.5), "steps"),
+        (dict(schedule="warmup"), "schedule"),
+        (dict(lr=float("nan")), "lr"),
+        (dict(weight_decay=-1.0), "weight_decay"),
+    ],
+)
 def test_bad_loop_settings(kwargs, word):
     model = make_model()
     tokens, targets, *_ = make_batch(model.cfg)
@@ -201,5 +210,6 @@ def test_bad_posterior_inputs():
     with pytest.raises(TypeError, match="logvar"):
         model.elbo_terms(tokens, targets, mu, logvar.long(), noise)
     with pytest.raises(ValueError, match="tokens"):
-        model.infer_posterior(torch.zeros(2, CFG.max_seq_len + 1, dtype=torch.long),
-                              torch.zeros(2, CFG.max_seq_len + 1, dtype=torch.long))
+        model.infer_posterior(
+            torch.zeros(2, CFG.max_seq_len + 1, dtype=torch.long), torch.zeros(2, CFG.max_seq_len + 1, dtype=torch.long)
+        )

@@ -3,6 +3,7 @@
 Public API only: `load_published_state_dict`, `LTMDecoder.from_published_checkpoint`, `model(tokens, z)`.
 Also the parameter counts of the paper's presets (docs/model.md, 'Presets'), derived here from the architecture.
 """
+
 from __future__ import annotations
 
 import math
@@ -66,8 +67,7 @@ TINY3 = dict(n_layer=3, n_z=12, window_size=8)
 
 def inputs(cfg, B=2, N=29, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randint(0, cfg.vocab_size, (B, N), generator=g),
-            torch.randn(B, cfg.n_z, cfg.d_model, generator=g))
+    return (torch.randint(0, cfg.vocab_size, (B, N), generator=g), torch.randn(B, cfg.n_z, cfg.d_model, generator=g))
 
 
 def logits_of(model, tokens, z):
@@ -102,14 +102,16 @@ def test_naming_variants_give_identical_logits(canonical, variant):
     vsd = VARIANTS[variant](sd)
     assert set(vsd) != set(sd)
     keys_before = list(vsd)
-    model = fresh_model(cfg, 200)                     # different init: leftovers would show
+    model = fresh_model(cfg, 200)  # different init: leftovers would show
     before = logits_of(model, tokens, z)
     model.load_published_state_dict(vsd)
     got = logits_of(model, tokens, z)
     assert list(vsd) == keys_before, "load_published_state_dict mutated its argument"
     assert not torch.allclose(before, want)
-    assert torch.equal(got, want), (f"{variant}: max diff {(got - want).abs().max().item():.3g}, first at "
-                                    f"{((got - want).abs() > 0).nonzero()[0].tolist()}")
+    assert torch.equal(got, want), (
+        f"{variant}: max diff {(got - want).abs().max().item():.3g}, first at "
+        f"{((got - want).abs() > 0).nonzero()[0].tolist()}"
+    )
 
 
 def test_w1_is_gate_and_w3_is_up(canonical):
@@ -127,10 +129,25 @@ def test_w1_is_gate_and_w3_is_up(canonical):
 # ---- checkpoints -----------------------------------------------------------------------------
 def model_args_for(cfg):
     """As the published code saves them (extra keys the loader must ignore included)."""
-    return dict(dim=cfg.d_model, n_layers=cfg.n_layer, n_heads=cfg.n_head, vocab_size=cfg.vocab_size,
-                max_seq_len=cfg.max_seq_len, window_size=cfg.window_size, max_z_len=cfg.n_z,
-                n_kv_heads=None, hidden_dim=None, multiple_of=32, norm_eps=1e-5, dropout=0.0,
-                n_prior_layers=None, n_cls_tokens=None, use_liger=True, use_z_pos_emb=True, padding=False)
+    return dict(
+        dim=cfg.d_model,
+        n_layers=cfg.n_layer,
+        n_heads=cfg.n_head,
+        vocab_size=cfg.vocab_size,
+        max_seq_len=cfg.max_seq_len,
+        window_size=cfg.window_size,
+        max_z_len=cfg.n_z,
+        n_kv_heads=None,
+        hidden_dim=None,
+        multiple_of=32,
+        norm_eps=1e-5,
+        dropout=0.0,
+        n_prior_layers=None,
+        n_cls_tokens=None,
+        use_liger=True,
+        use_z_pos_emb=True,
+        padding=False,
+    )
 
 
 def config_of(model):
@@ -143,7 +160,8 @@ def check_ckpt_model(model, cfg, sd, tokens, z):
     got_cfg = config_of(model)
     for field in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len", "window_size", "n_z", "d_ff"):
         assert getattr(got_cfg, field) == getattr(cfg, field), (
-            f"{field}: checkpoint model has {getattr(got_cfg, field)}, expected {getattr(cfg, field)}")
+            f"{field}: checkpoint model has {getattr(got_cfg, field)}, expected {getattr(cfg, field)}"
+        )
     ref = LTMDecoder(cfg)
     ref.load_published_state_dict(sd)
     want = logits_of(ref.eval(), tokens, z)
@@ -187,8 +205,9 @@ def test_from_published_checkpoint_dict(naming):
 def test_from_published_checkpoint_path(tmp_path, as_str):
     cfg, sd, tokens, z = _ckpt_setup()
     path = tmp_path / "ckpt.pt"
-    torch.save({"model": prefix_orig_mod(sd), "model_args": model_args_for(cfg),
-                "iter_num": 1234, "best_val_loss": 3.21}, path)
+    torch.save(
+        {"model": prefix_orig_mod(sd), "model_args": model_args_for(cfg), "iter_num": 1234, "best_val_loss": 3.21}, path
+    )
     model = LTMDecoder.from_published_checkpoint(str(path) if as_str else path)
     check_ckpt_model(model, cfg, sd, tokens, z)
 
@@ -205,7 +224,9 @@ def _malformed():
 
     missing_w3 = w_names(sd)
     del missing_w3["layers.0.feed_forward.w3.weight"]
-    cases.append(("missing-w3", missing_w3, ["layers.0.feed_forward.w3.weight", "layers.0.feed_forward.up_proj.weight"]))
+    cases.append(
+        ("missing-w3", missing_w3, ["layers.0.feed_forward.w3.weight", "layers.0.feed_forward.up_proj.weight"])
+    )
 
     extra = dict(sd)
     extra["layers.0.attention.wq.bias"] = torch.zeros(cfg.d_model)
@@ -270,8 +291,8 @@ def test_failed_load_leaves_model_unchanged(name, bad, names):
 # ---- parameter counts ------------------------------------------------------------------------
 def count_from_architecture(cfg: LTMConfig) -> int:
     d, f = cfg.d_model, 32 * math.ceil(int(8 * cfg.d_model / 3) / 32)
-    per_layer = 8 * d * d + 3 * d * f + 3 * d    # self+cross attention q,k,v,o; SwiGLU; three norms
-    return cfg.vocab_size * d + cfg.n_layer * per_layer + d   # tied embedding/output, final norm
+    per_layer = 8 * d * d + 3 * d * f + 3 * d  # self+cross attention q,k,v,o; SwiGLU; three norms
+    return cfg.vocab_size * d + cfg.n_layer * per_layer + d  # tied embedding/output, final norm
 
 
 PUBLISHED_COUNTS = {"ltm-s": 38_369_280, "ltm-m": 51_005_952, "ltm-l": 76_279_296}

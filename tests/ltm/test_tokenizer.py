@@ -1,4 +1,5 @@
 """Tokenizer tests. They never touch the network: "gpt2" is tested only from tiktoken's local cache."""
+
 import os
 import pickle
 
@@ -7,15 +8,16 @@ import pytest
 import requests
 import torch
 
-from ltm.tokenizer import (BOS_TOKEN, ENCODINGS, EOS_TOKEN, Tokenizer, check_encoding, get_encoding,
-                           gpt2_is_cached)
+from ltm.tokenizer import BOS_TOKEN, ENCODINGS, EOS_TOKEN, Tokenizer, check_encoding, get_encoding, gpt2_is_cached
 
 
 @pytest.fixture
 def no_network(monkeypatch):
     """Any download attempt fails at once, as it would offline, instead of reaching the network."""
+
     def refuse(url, *args, **kwargs):
         raise requests.ConnectionError(f"test: network disabled ({url})")
+
     monkeypatch.setattr(requests, "get", refuse)
 
 

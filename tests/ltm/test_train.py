@@ -1,4 +1,5 @@
 """Training (ltm.train): exact resume, DDP equivalence, checkpoints, non-finite handling, optimizer setup."""
+
 import json
 import math
 import os
@@ -28,9 +29,22 @@ def data(tmp_path):
 
 
 def config(data, out_dir, **kw):
-    values = dict(data=data, out_dir=str(out_dir), model_overrides=SMALL, batch_size=4, max_steps=6, warmup_steps=2,
-                  lr=1e-2, min_lr=1e-3, inner_steps=2, log_interval=1, ckpt_interval=100, backend="eager",
-                  device="cpu", progress=False)
+    values = dict(
+        data=data,
+        out_dir=str(out_dir),
+        model_overrides=SMALL,
+        batch_size=4,
+        max_steps=6,
+        warmup_steps=2,
+        lr=1e-2,
+        min_lr=1e-3,
+        inner_steps=2,
+        log_interval=1,
+        ckpt_interval=100,
+        backend="eager",
+        device="cpu",
+        progress=False,
+    )
     return TrainConfig(**{**values, **kw})
 
 
@@ -120,14 +134,56 @@ def test_ddp_two_processes_equal_one_process_on_the_combined_batch(data, tmp_pat
     """torchrun with 2 gloo processes on 127.0.0.1, batch b each == 1 process with batch 2b (fp32 tolerance)."""
     k = 3
     single = train(config(data, tmp_path / "single", batch_size=4, max_steps=k))
-    args = ["--data", data, "--out-dir", str(tmp_path / "ddp"), "--model-overrides", json.dumps(SMALL),
-            "--batch-size", "2", "--max-steps", str(k), "--warmup-steps", "2", "--lr", "1e-2", "--min-lr", "1e-3",
-            "--inner-steps", "2", "--backend", "eager", "--device", "cpu", "--no-progress"]
+    args = [
+        "--data",
+        data,
+        "--out-dir",
+        str(tmp_path / "ddp"),
+        "--model-overrides",
+        json.dumps(SMALL),
+        "--batch-size",
+        "2",
+        "--max-steps",
+        str(k),
+        "--warmup-steps",
+        "2",
+        "--lr",
+        "1e-2",
+        "--min-lr",
+        "1e-3",
+        "--inner-steps",
+        "2",
+        "--backend",
+        "eager",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-                           "-m", "ltm", "train", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=240)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "1",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "ltm",
+            "train",
+            *args,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = load_checkpoint(tmp_path / "ddp" / "ckpt.pt")
     assert ddp["step"] == k and ddp["data"]["world_size"] == 2

@@ -1,11 +1,10 @@
 """ltm::self_attention and ltm::latent_attention (C++ CPU kernels, csrc/attention.cpp) against the eager
 references in float64, through the public functions and autograd: outputs and dq, dk, dv."""
 
-
 import pytest
 import torch
-from helpers import lower_isa_levels, run_at_isa
 
+from helpers import lower_isa_levels, run_at_isa
 from ltm_kernels import _extension, extension_status, reference
 from ltm_kernels.attention_cpp import latent_attention_cpp, self_attention_cpp
 from ltm_kernels.reference import latent_attention_ref, self_attention_ref
@@ -60,9 +59,14 @@ def test_self_attention_matches_reference(needs_extension, N, hd, window, dtype)
     gen = torch.Generator().manual_seed(N + window)
     q, k, v = (heads(gen, 2, 3, N, hd) for _ in range(3))
     cos, sin = rope_tables(range(N), hd)
-    check_against_reference(lambda q, k, v, c, s: self_attention_cpp(q, k, v, c, s, window),
-                            lambda q, k, v, c, s: self_attention_ref(q, k, v, c, s, window),
-                            (q, k, v), (cos, sin), dtype, TOL[dtype])
+    check_against_reference(
+        lambda q, k, v, c, s: self_attention_cpp(q, k, v, c, s, window),
+        lambda q, k, v, c, s: self_attention_ref(q, k, v, c, s, window),
+        (q, k, v),
+        (cos, sin),
+        dtype,
+        TOL[dtype],
+    )
 
 
 @pytest.mark.extension
@@ -75,8 +79,9 @@ def test_latent_attention_matches_reference(needs_extension, N, M, hd, dtype):
     k, v = (heads(gen, 2, 3, M, hd) for _ in range(2))
     cos_q, sin_q = rope_tables(range(N), hd)
     cos_k, sin_k = rope_tables([7 * j for j in range(M)], hd)  # latent positions: a stride, as in the model
-    check_against_reference(latent_attention_cpp, latent_attention_ref, (q, k, v), (cos_q, sin_q, cos_k, sin_k),
-                            dtype, TOL[dtype])
+    check_against_reference(
+        latent_attention_cpp, latent_attention_ref, (q, k, v), (cos_q, sin_q, cos_k, sin_k), dtype, TOL[dtype]
+    )
 
 
 @pytest.mark.extension
@@ -181,8 +186,7 @@ def test_opcheck(needs_extension, op):
     tensors, scalars = _opcheck_inputs(op, False)
     out, lse = forward(*tensors, *scalars)
     grad_out = torch.randn_like(out)
-    torch.library.opcheck(getattr(torch.ops.ltm, f"{op}_backward").default,
-                          (grad_out, *tensors, out, lse, *scalars))
+    torch.library.opcheck(getattr(torch.ops.ltm, f"{op}_backward").default, (grad_out, *tensors, out, lse, *scalars))
 
 
 def _self_args():
@@ -208,8 +212,11 @@ def _latent_args():
         ("self", dict(v=lambda a: a["v"][..., :6]), "v must have the shape of k"),
         ("self", dict(k=lambda a: a["k"].float()), "k must have the dtype of q"),
         ("self", dict(q=lambda a: a["q"].int()), "q must be float32, float64, bfloat16 or float16"),
-        ("self", dict(q=lambda a: a["q"][..., :7], k=lambda a: a["k"][..., :7], v=lambda a: a["v"][..., :7]),
-         "head_dim .* must be even"),
+        (
+            "self",
+            dict(q=lambda a: a["q"][..., :7], k=lambda a: a["k"][..., :7], v=lambda a: a["v"][..., :7]),
+            "head_dim .* must be even",
+        ),
         ("self", dict(cos=lambda a: a["cos"][:5]), r"cos must have shape \(6, 4\)"),
         ("self", dict(sin=lambda a: a["sin"].float()), "sin must have the dtype of cos"),
         ("self", dict(window=lambda a: 0), "window must be >= 1"),
@@ -275,8 +282,10 @@ def test_every_isa_copy(needs_extension, tmp_path):
         inputs = [heads(gen, 2, 2, 130, 64)] + [heads(gen, 2, 2, M, 64) for _ in range(2)]
         tables = rope_tables(range(130), 64) + (rope_tables(range(0, 9 * M, 9), 64) if op == "latent" else ())
         cases.append((op, inputs, tables, torch.randn(2, 2, 130, 64, generator=gen, dtype=F64)))
-    torch.save([(op, [x.float() for x in xs], [t.float() for t in ts], g.float()) for op, xs, ts, g in cases],
-               tmp_path / "in.pt")
+    torch.save(
+        [(op, [x.float() for x in xs], [t.float() for t in ts], g.float()) for op, xs, ts, g in cases],
+        tmp_path / "in.pt",
+    )
     for level in levels:
         results = run_at_isa(level, _RUN_ON_SAVED_INPUTS, tmp_path / "in.pt", tmp_path / "out.pt")
         for (op, inputs, tables, grad), got in zip(cases, results):
@@ -285,8 +294,12 @@ def test_every_isa_copy(needs_extension, tmp_path):
             ref = self_attention_ref(*xs, *ts, 16) if op == "self" else latent_attention_ref(*xs, *ts)
             ref.backward(grad.float().double())
             for name, a, e in zip(["out", "dq", "dk", "dv"], got, [ref.detach()] + [x.grad for x in xs]):
-                torch.testing.assert_close(a.double(), e, **TOL[torch.float32],
-                                           msg=lambda m, name=name: f"{level} {op}: {name}: {m}")
+                torch.testing.assert_close(
+                    a.double(),
+                    e,
+                    **TOL[torch.float32],
+                    msg=lambda m, name=name, op=op, level=level: f"{level} {op}: {name}: {m}",
+                )
 
 
 @pytest.mark.parametrize("window", [0, -3])

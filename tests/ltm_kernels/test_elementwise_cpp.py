@@ -3,9 +3,9 @@ through the public functions and autograd: outputs and every gradient."""
 
 import pytest
 import torch
-from helpers import lower_isa_levels, run_at_isa
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from helpers import lower_isa_levels, run_at_isa
 from ltm_kernels import add_rms_norm_cpp, extension_status, rms_norm_cpp, swiglu_cpp
 from ltm_kernels.reference import add_rms_norm_ref, rms_norm_ref, swiglu_ref
 
@@ -98,8 +98,9 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.ltm.swiglu.default, (xs[0], xs[1]))
         y, h, rstd = torch.ops.ltm.rms_norm(x.to(dtype), r.to(dtype), w.to(dtype), EPS)
         for grad_h in (None, g.to(dtype)):
-            torch.library.opcheck(torch.ops.ltm.rms_norm_backward.default,
-                                  (g.to(dtype), grad_h, h, w.to(dtype), rstd, True))
+            torch.library.opcheck(
+                torch.ops.ltm.rms_norm_backward.default, (g.to(dtype), grad_h, h, w.to(dtype), rstd, True)
+            )
         torch.library.opcheck(torch.ops.ltm.swiglu_backward.default, (g.to(dtype), x.to(dtype), r.to(dtype)))
 
 
@@ -119,16 +120,19 @@ def test_traces_without_graph_break():
         torch.testing.assert_close(a, e, **TOL[F64])
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda x, w: rms_norm_cpp(x, w[:-1], EPS), r"weight must be \(16,\)"),
-    (lambda x, w: rms_norm_cpp(x, w.double(), EPS), "must have the dtype of x"),
-    (lambda x, w: rms_norm_cpp(x, w, 0.0), "eps must be a finite number > 0"),
-    (lambda x, w: rms_norm_cpp(x, w, float("nan")), "eps must be a finite number > 0"),
-    (lambda x, w: add_rms_norm_cpp(x, x[:, :2], w, EPS), "residual must have the shape of x"),
-    (lambda x, w: rms_norm_cpp(x.int(), w.int(), EPS), "x must be float32, float64, bfloat16 or float16"),
-    (lambda x, w: swiglu_cpp(x, x.double()), "up .* must have the dtype of gate"),
-    (lambda x, w: swiglu_cpp(x, x[:1]), "up must have the shape of gate"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda x, w: rms_norm_cpp(x, w[:-1], EPS), r"weight must be \(16,\)"),
+        (lambda x, w: rms_norm_cpp(x, w.double(), EPS), "must have the dtype of x"),
+        (lambda x, w: rms_norm_cpp(x, w, 0.0), "eps must be a finite number > 0"),
+        (lambda x, w: rms_norm_cpp(x, w, float("nan")), "eps must be a finite number > 0"),
+        (lambda x, w: add_rms_norm_cpp(x, x[:, :2], w, EPS), "residual must have the shape of x"),
+        (lambda x, w: rms_norm_cpp(x.int(), w.int(), EPS), "x must be float32, float64, bfloat16 or float16"),
+        (lambda x, w: swiglu_cpp(x, x.double()), "up .* must have the dtype of gate"),
+        (lambda x, w: swiglu_cpp(x, x[:1]), "up must have the shape of gate"),
+    ],
+)
 def test_bad_input_names_the_argument(call, message):
     with pytest.raises(RuntimeError, match=message):
         call(torch.randn(2, 5, 16), torch.ones(16))
@@ -165,4 +169,6 @@ def test_every_isa_copy(tmp_path):
     for level in levels:
         got = run_at_isa(level, _RUN_ON_SAVED_INPUTS, tmp_path / "in.pt", tmp_path / "out.pt")
         for name, a, e in zip(NAMES, got, want):
-            torch.testing.assert_close(a.double(), e, **TOL[torch.float32], msg=lambda m, name=name: f"{level}: {name}: {m}")
+            torch.testing.assert_close(
+                a.double(), e, **TOL[torch.float32], msg=lambda m, name=name, level=level: f"{level}: {name}: {m}"
+            )

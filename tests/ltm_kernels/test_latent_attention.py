@@ -3,15 +3,16 @@ gradient; M from 1 to 64 latents, N not a multiple of the query block and N = 1 
 128, strided q/k/v as the model passes them; argument errors; the registered ops under opcheck and
 torch.compile; on a GPU the fp16/bf16 rule of docs/kernels.md, determinism, CUDA graphs; and an sm_90
 compile of both kernels without a GPU."""
+
 import importlib
 import math
 
 import pytest
 import torch
-from triton_helpers import assert_close, compile_for_sm90, gpu, interpreter, rel_err
 
 from ltm_kernels import latent_attention_triton, reference
 from ltm_kernels.reference import latent_attention_ref
+from triton_helpers import assert_close, compile_for_sm90, gpu, interpreter, rel_err
 
 # the module, not the function of the same name that `ltm_kernels` exports
 la = importlib.import_module("ltm_kernels.latent_attention")
@@ -180,8 +181,10 @@ def test_opcheck():
     tables = [t.float() for t in tables]
     torch.library.opcheck(torch.ops.ltm_triton.latent_attention.default, (q, k, v, *tables))
     out, lse = torch.ops.ltm_triton.latent_attention(q.detach(), k.detach(), v.detach(), *tables)
-    torch.library.opcheck(torch.ops.ltm_triton.latent_attention_backward.default,
-                          (dy.float(), q.detach(), k.detach(), v.detach(), *tables, out, lse))
+    torch.library.opcheck(
+        torch.ops.ltm_triton.latent_attention_backward.default,
+        (dy.float(), q.detach(), k.detach(), v.detach(), *tables, out, lse),
+    )
 
 
 @interpreter
@@ -214,8 +217,10 @@ def test_gpu_low_precision_within_twice_eager_error(dtype, M):
 
 
 @gpu
-@pytest.mark.parametrize("B,H,N,M,hd,strided", [(2, 3, 37, 1, 32, False), (1, 8, 1, 8, 64, True),
-                                                (3, 2, 129, 64, 128, True), (64, 8, 16, 5, 64, False)])
+@pytest.mark.parametrize(
+    "B,H,N,M,hd,strided",
+    [(2, 3, 37, 1, 32, False), (1, 8, 1, 8, 64, True), (3, 2, 129, 64, 128, True), (64, 8, 16, 5, 64, False)],
+)
 def test_gpu_fp32_odd_shapes(B, H, N, M, hd, strided):
     inputs, dy = make_inputs(B, H, N, M, hd, seed=N)
     want = run(latent_attention_ref, inputs, dy, F64, "cuda")

@@ -74,12 +74,15 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.ltm.linear.default, (x.float().requires_grad_(), w.float().requires_grad_()))
 
 
-@pytest.mark.parametrize("x, w, message", [
-    (torch.zeros(2, 4), torch.zeros(3, 5), r"weight must be \(n, k\) with k = x.shape\[-1\] = 4"),
-    (torch.zeros(2, 4), torch.zeros(3, 4, dtype=torch.bfloat16), "must have one dtype"),
-    (torch.zeros(2, 4, dtype=F64), torch.zeros(3, 4, dtype=F64), "x must be float32 or bfloat16"),
-    ([1.0], torch.zeros(3, 4), "x must be a torch.Tensor"),
-])
+@pytest.mark.parametrize(
+    "x, w, message",
+    [
+        (torch.zeros(2, 4), torch.zeros(3, 5), r"weight must be \(n, k\) with k = x.shape\[-1\] = 4"),
+        (torch.zeros(2, 4), torch.zeros(3, 4, dtype=torch.bfloat16), "must have one dtype"),
+        (torch.zeros(2, 4, dtype=F64), torch.zeros(3, 4, dtype=F64), "x must be float32 or bfloat16"),
+        ([1.0], torch.zeros(3, 4), "x must be a torch.Tensor"),
+    ],
+)
 def test_bad_input_names_the_argument(x, w, message):
     with pytest.raises((TypeError, ValueError), match=message):
         linear_onednn(x, w)

@@ -1,16 +1,16 @@
 """lm_head_nll_triton (Triton row kernels) and lm_head_nll_chunked (PyTorch) against the float64
 reference lm_head_nll_ref: loss, dH and dW, odd token counts, ignored targets, V = 17 and 50258, chunks that
 do not divide the rows; the chunked path's peak memory; input errors; the bf16 rule on a GPU."""
+
 import importlib
 
 import pytest
 import torch
 
-from triton_helpers import INTERPRETER, assert_close, gpu, interpreter, rel_err
-
 from ltm_kernels import lm_head_nll_chunked, lm_head_nll_triton
 from ltm_kernels.reference import lm_head_nll_ref
 from ltm_kernels.testing import PeakMemory
+from triton_helpers import INTERPRETER, assert_close, gpu, interpreter, rel_err
 
 lce = importlib.import_module("ltm_kernels.lm_head_nll")
 F64 = torch.float64
@@ -103,8 +103,8 @@ def test_weight_gradient_only_when_wanted(fn, monkeypatch):
 
 def test_default_chunk_rows():
     assert lce.default_chunk_rows(65536, 512, 50258) == 1024  # benchmark shape: logits chunk ~ size of hidden
-    assert lce.default_chunk_rows(2048, 256, 50258) == 128    # CPU inner loop: at least 2^22 logits a chunk
-    assert lce.default_chunk_rows(13, 16, 17) == 13           # small problems: one chunk
+    assert lce.default_chunk_rows(2048, 256, 50258) == 128  # CPU inner loop: at least 2^22 logits a chunk
+    assert lce.default_chunk_rows(13, 16, 17) == 13  # small problems: one chunk
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -157,8 +157,10 @@ def test_bad_inputs_name_the_argument(fn):
 
 
 # ------------------------------------------------------------------------------------ registered ops
-OPS = [pytest.param("ltm_torch", "lm_head_nll_chunked", id="chunked"),
-       pytest.param("ltm_triton", "lm_head_nll", id="triton", marks=INTERPRETER)]
+OPS = [
+    pytest.param("ltm_torch", "lm_head_nll_chunked", id="chunked"),
+    pytest.param("ltm_triton", "lm_head_nll", id="triton", marks=INTERPRETER),
+]
 
 
 @pytest.mark.parametrize("namespace, name", OPS)
@@ -280,4 +282,3 @@ def test_gpu_cuda_graph_replay():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(loss, expect_loss) and torch.equal(grad, expect_grad)
-

@@ -3,9 +3,9 @@
 
 import pytest
 import torch
-from helpers import lower_isa_levels, run_at_isa
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from helpers import lower_isa_levels, run_at_isa
 from ltm_kernels import extension_status, lm_head_nll_cpp
 from ltm_kernels.reference import lm_head_nll_ref
 
@@ -24,7 +24,7 @@ def make_inputs(B, N, d, V, seed=0, ignore=()):
     """hidden, weight at a scale where the softmax is far from uniform; targets with some rows ignored."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(B, N, d, generator=g, dtype=F64)
-    weight = torch.randn(V, d, generator=g, dtype=F64) * (2.0 / d ** 0.5)
+    weight = torch.randn(V, d, generator=g, dtype=F64) * (2.0 / d**0.5)
     targets = torch.randint(0, V, (B, N), generator=g)
     for b, n in ignore:
         targets[b, n] = -1
@@ -49,8 +49,8 @@ def reference(hidden, weight, targets, dtype, grad):
 TOL = {F64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
 SHAPES = [  # (B, N, d, V, ignored rows)
     (2, 37, 24, 1000, [(0, 0), (1, 36)]),  # d not a multiple of 16, N not of 32, V not of the vocab block
-    (3, 50, 256, 5003, [(2, 7)]),          # the model's d, several vocabulary blocks and tasks
-    (1, 1, 16, 7, []),                      # one row, V smaller than one tile
+    (3, 50, 256, 5003, [(2, 7)]),  # the model's d, several vocabulary blocks and tasks
+    (1, 1, 16, 7, []),  # one row, V smaller than one tile
     (2, 70, 40, 333, [(1, n) for n in range(70)]),  # a sequence whose targets are all ignored: nll 0, no grad
 ]
 
@@ -101,8 +101,11 @@ def test_weight_gradient_skipped_when_not_wanted():
         torch.autograd.grad(lm_head_nll_cpp(h, w, targets).sum(), h)
         lm_head_nll_cpp(h, w, targets).sum().backward()
     assert calls == [(True, False), (True, True)]
-    torch.testing.assert_close(w.grad.double(), reference(hidden, weight, targets, torch.float32,
-                                                          torch.ones(2, dtype=F64))[2], **TOL[torch.float32])
+    torch.testing.assert_close(
+        w.grad.double(),
+        reference(hidden, weight, targets, torch.float32, torch.ones(2, dtype=F64))[2],
+        **TOL[torch.float32],
+    )
 
 
 def test_no_dh_without_grad():
@@ -110,8 +113,11 @@ def test_no_dh_without_grad():
     nll, lse, dh = torch.ops.ltm.lm_head_nll(hidden, weight, targets, False)
     assert dh.numel() == 0 and lse.shape == (10,)
     with torch.no_grad():
-        torch.testing.assert_close(lm_head_nll_cpp(hidden.requires_grad_(), weight, targets),
-                                   lm_head_nll_ref(hidden, weight, targets), **TOL[F64])
+        torch.testing.assert_close(
+            lm_head_nll_cpp(hidden.requires_grad_(), weight, targets),
+            lm_head_nll_ref(hidden, weight, targets),
+            **TOL[F64],
+        )
 
 
 def test_non_finite_input_is_not_hidden():
@@ -128,8 +134,10 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.ltm.lm_head_nll.default, args)
     nll, lse, dh = torch.ops.ltm.lm_head_nll(hidden, weight, targets, True)
     for flags in ((True, True), (True, False), (False, True)):
-        torch.library.opcheck(torch.ops.ltm.lm_head_nll_backward.default,
-                              (torch.ones(2, dtype=F64), hidden, weight, targets, lse, dh, *flags))
+        torch.library.opcheck(
+            torch.ops.ltm.lm_head_nll_backward.default,
+            (torch.ones(2, dtype=F64), hidden, weight, targets, lse, dh, *flags),
+        )
 
 
 def test_traces_without_graph_break():
@@ -146,18 +154,23 @@ def test_traces_without_graph_break():
         torch.testing.assert_close(a, e, **TOL[F64])
 
 
-@pytest.mark.parametrize("case, message", [
-    (dict(hidden=torch.zeros(4, 16)), "hidden must be (B, N, d)"),
-    (dict(weight=torch.zeros(30, 8)), "weight is (V, 8) but hidden has d = 16"),
-    (dict(weight=torch.zeros(30, 16, dtype=F64)), "must have one dtype"),
-    (dict(hidden=torch.zeros(2, 5, 16, dtype=torch.int32), weight=torch.zeros(30, 16, dtype=torch.int32)),
-     "hidden must be float32, float64, bfloat16 or float16"),
-    (dict(targets=torch.zeros(2, 5, dtype=torch.int32)), "targets must be int64"),
-    (dict(targets=torch.zeros(2, 4, dtype=torch.long)), "targets must be (B, N) = (2, 5)"),
-    (dict(targets=torch.full((2, 5), 30)), "targets must be in [0, V = 30) or -1"),
-    (dict(targets=torch.full((2, 5), -2)), "targets must be in [0, V = 30) or -1"),
-    (dict(weight=torch.zeros(0, 16)), "at least one row"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        (dict(hidden=torch.zeros(4, 16)), "hidden must be (B, N, d)"),
+        (dict(weight=torch.zeros(30, 8)), "weight is (V, 8) but hidden has d = 16"),
+        (dict(weight=torch.zeros(30, 16, dtype=F64)), "must have one dtype"),
+        (
+            dict(hidden=torch.zeros(2, 5, 16, dtype=torch.int32), weight=torch.zeros(30, 16, dtype=torch.int32)),
+            "hidden must be float32, float64, bfloat16 or float16",
+        ),
+        (dict(targets=torch.zeros(2, 5, dtype=torch.int32)), "targets must be int64"),
+        (dict(targets=torch.zeros(2, 4, dtype=torch.long)), "targets must be (B, N) = (2, 5)"),
+        (dict(targets=torch.full((2, 5), 30)), "targets must be in [0, V = 30) or -1"),
+        (dict(targets=torch.full((2, 5), -2)), "targets must be in [0, V = 30) or -1"),
+        (dict(weight=torch.zeros(0, 16)), "at least one row"),
+    ],
+)
 def test_bad_input_names_the_argument(case, message):
     args = dict(hidden=torch.zeros(2, 5, 16), weight=torch.zeros(30, 16), targets=torch.zeros(2, 5, dtype=torch.long))
     args.update(case)
@@ -186,5 +199,6 @@ def test_every_engine(tmp_path):
     for level in levels:  # the host's own engine runs in every other test
         got = run_at_isa(level, _RUN_ON_SAVED_INPUTS, tmp_path / "in.pt", tmp_path / "out.pt")
         for name, a, e in zip(("nll", "grad_hidden", "grad_weight"), got, want):
-            torch.testing.assert_close(a.double(), e, **TOL[torch.float32],
-                                       msg=lambda m, name=name: f"{level}: {name}: {m}")
+            torch.testing.assert_close(
+                a.double(), e, **TOL[torch.float32], msg=lambda m, name=name, level=level: f"{level}: {name}: {m}"
+            )

@@ -262,8 +262,19 @@ def _aliased(args):
 )
 def test_bad_input_names_the_argument(needs_extension, corrupt, message):
     shape = (3, 5, 7)
-    args = [*make_state(shape, torch.float64), torch.randn(shape, dtype=torch.float64),
-            torch.randn(shape, dtype=torch.float64), counter(), 0.34, 1, 0, 0.9, 0.999, 1e-8, 0.01]
+    args = [
+        *make_state(shape, torch.float64),
+        torch.randn(shape, dtype=torch.float64),
+        torch.randn(shape, dtype=torch.float64),
+        counter(),
+        0.34,
+        1,
+        0,
+        0.9,
+        0.999,
+        1e-8,
+        0.01,
+    ]
     corrupt(args)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.ltm.posterior_step(*args)
@@ -289,7 +300,9 @@ sys.meta_path.insert(0, Broken())
 )
 def test_import_without_extension(setup, expected):
     """A missing or broken _C (and no Triton) must not break `import ltm_kernels`; it is reported instead."""
-    code = setup + """
+    code = (
+        setup
+        + """
 import sys
 sys.modules["triton"] = None
 import ltm_kernels
@@ -303,6 +316,7 @@ except RuntimeError as e:
 else:
     raise AssertionError("posterior_step_cpp without the extension must raise")
 """
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert expected in out.stdout, out.stdout
@@ -319,8 +333,9 @@ def _exp_through_op(logvar):
     zeros = [torch.zeros_like(logvar) for _ in range(6)]
     mu, moments, z = zeros[0], zeros[1:5], zeros[5]
     lv = logvar.clone()
-    posterior_step_cpp(mu, lv, *moments, z, torch.zeros_like(logvar), torch.ones_like(logvar), counter(), lr=0.0,
-                   total_steps=1)
+    posterior_step_cpp(
+        mu, lv, *moments, z, torch.zeros_like(logvar), torch.ones_like(logvar), counter(), lr=0.0, total_steps=1
+    )
     torch.testing.assert_close(lv, logvar, rtol=0, atol=0, equal_nan=True)
     return z
 
@@ -384,8 +399,13 @@ def test_isa_copies_are_bit_identical(needs_extension, tmp_path):
     for level in levels[: levels.index(host) + 1]:
         out_file = tmp_path / f"{level}.pt"
         env = {**os.environ, "ATEN_CPU_CAPABILITY": level.lower()}
-        run = subprocess.run([sys.executable, "-c", _RUN_ON_SAVED_INPUTS, str(tmp_path / "in.pt"), str(out_file)],
-                             cwd=ROOT, env=env, capture_output=True, text=True)
+        run = subprocess.run(
+            [sys.executable, "-c", _RUN_ON_SAVED_INPUTS, str(tmp_path / "in.pt"), str(out_file)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         assert run.returncode == 0, run.stderr
         capability, results[level] = torch.load(out_file)
         assert capability == level
@@ -415,8 +435,7 @@ def test_inputs_aliasing_outputs(needs_extension):
     state = make_state(shape, torch.float32)
     state[6] = buf[:-1].view(shape)
     with pytest.raises(RuntimeError, match="grad_z must not partially overlap z"):
-        torch.ops.ltm.posterior_step(*state, buf[1:].view(shape), noise, counter(), 0.34, 1, 0, 0.9, 0.999, 1e-8,
-                                     0.01)
+        torch.ops.ltm.posterior_step(*state, buf[1:].view(shape), noise, counter(), 0.34, 1, 0, 0.9, 0.999, 1e-8, 0.01)
 
 
 # ------------------------------------------------------------------------------ scalar arguments, every wrapper
@@ -424,32 +443,42 @@ def _implementations():
     from triton_helpers import INTERPRETER
 
     needs_ext = pytest.mark.skipif(not extension_status()[0], reason=f"C++ op: {extension_status()[1]}")
-    return [pytest.param(posterior_step_ref, id="ref"),
-            pytest.param(posterior_step_cpp, id="cpp", marks=[pytest.mark.extension, needs_ext]),
-            pytest.param(ltm_kernels.posterior_step_triton, id="triton", marks=INTERPRETER)]
+    return [
+        pytest.param(posterior_step_ref, id="ref"),
+        pytest.param(posterior_step_cpp, id="cpp", marks=[pytest.mark.extension, needs_ext]),
+        pytest.param(ltm_kernels.posterior_step_triton, id="triton", marks=INTERPRETER),
+    ]
 
 
 BAD_SCALARS = [  # (keyword, value, message): inf / NaN / out of range, each naming the argument and its range
-    ("lr", math.inf, "lr must be a finite number >= 0"), ("lr", math.nan, "lr must be a finite number >= 0"),
+    ("lr", math.inf, "lr must be a finite number >= 0"),
+    ("lr", math.nan, "lr must be a finite number >= 0"),
     ("lr", -0.1, "lr must be a finite number >= 0"),
     ("weight_decay", math.inf, "weight_decay must be a finite number >= 0"),
     ("weight_decay", math.nan, "weight_decay must be a finite number >= 0"),
     ("weight_decay", -1.0, "weight_decay must be a finite number >= 0"),
-    ("eps", math.inf, "eps must be a finite number > 0"), ("eps", 0.0, "eps must be a finite number > 0"),
+    ("eps", math.inf, "eps must be a finite number > 0"),
+    ("eps", 0.0, "eps must be a finite number > 0"),
     ("eps", math.nan, "eps must be a finite number > 0"),
     ("beta1", 1.0, r"beta1 must be a finite number in \[0, 1\)"),
     ("beta2", math.nan, r"beta2 must be a finite number in \[0, 1\)"),
-    ("total_steps", 0, "total_steps must be an int >= 1"), ("total_steps", 2.5, "total_steps must be an int >= 1"),
+    ("total_steps", 0, "total_steps must be an int >= 1"),
+    ("total_steps", 2.5, "total_steps must be an int >= 1"),
     ("schedule", "cosin", r"schedule must be one of \('cosine', 'linear', 'constant'\) or its index"),
-    ("schedule", 3, "schedule must be one of"), ("schedule", True, "schedule must be one of"),
+    ("schedule", 3, "schedule must be one of"),
+    ("schedule", True, "schedule must be one of"),
 ]
 
 
 def _step_args(dtype=torch.float32):
     shape = (2, 3, 4)
     gen = torch.Generator().manual_seed(9)
-    return [*make_state(shape, dtype), torch.randn(shape, generator=gen, dtype=dtype),
-            torch.randn(shape, generator=gen, dtype=dtype), counter()]
+    return [
+        *make_state(shape, dtype),
+        torch.randn(shape, generator=gen, dtype=dtype),
+        torch.randn(shape, generator=gen, dtype=dtype),
+        counter(),
+    ]
 
 
 @pytest.mark.parametrize("impl", _implementations())
@@ -474,8 +503,10 @@ def test_schedule_by_name_equals_its_index(impl, name):
 
 
 @pytest.mark.extension
-@pytest.mark.parametrize("keyword, index, value", [("lr", 10, math.inf), ("eps", 15, math.inf),
-                                                   ("weight_decay", 16, math.inf), ("lr", 10, math.nan)])
+@pytest.mark.parametrize(
+    "keyword, index, value",
+    [("lr", 10, math.inf), ("eps", 15, math.inf), ("weight_decay", 16, math.inf), ("lr", 10, math.nan)],
+)
 def test_op_refuses_non_finite_scalars(needs_extension, keyword, index, value):
     """The C++ op itself (called without the wrapper) refuses them too, naming the argument."""
     args = [*_step_args(torch.float64), 0.34, 4, 0, 0.9, 0.999, 1e-8, 0.01]
@@ -487,11 +518,13 @@ def test_op_refuses_non_finite_scalars(needs_extension, keyword, index, value):
 def test_ops_exist_right_after_import():
     """`torch.ops.ltm.*` is there after `import ltm_kernels` alone (a fresh interpreter); without a build,
     the import still works and extension_status() says why."""
-    code = ("import torch, ltm_kernels\n"
-            "ok, reason = ltm_kernels.extension_status()\n"
-            "assert hasattr(torch.ops.ltm, 'posterior_step') == ok, reason\n"
-            "assert hasattr(torch.ops.ltm, 'self_attention') == ok, reason\n"
-            "print(ok)\n")
+    code = (
+        "import torch, ltm_kernels\n"
+        "ok, reason = ltm_kernels.extension_status()\n"
+        "assert hasattr(torch.ops.ltm, 'posterior_step') == ok, reason\n"
+        "assert hasattr(torch.ops.ltm, 'self_attention') == ok, reason\n"
+        "print(ok)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(extension_status()[0])

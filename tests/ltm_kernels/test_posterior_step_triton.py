@@ -1,26 +1,36 @@
 """posterior_step on the GPU path: the Triton kernel (CPU under TRITON_INTERPRET=1, and CUDA) and the C++ CUDA
 kernel, against the reference, over several steps of the device-side step counter."""
+
 import importlib.util
 import os
 
 import pytest
 import torch
-from triton_helpers import gpu, interpreter
 
 import ltm_kernels
 from ltm_kernels import posterior_step_cpp, posterior_step_ref, posterior_step_triton
+from triton_helpers import gpu, interpreter
 
 # The CPU test file's helpers (same state, tolerances and loop), loaded by path: the test folders are not packages.
 _spec = importlib.util.spec_from_file_location(
-    "_posterior_step_cpu_tests", os.path.join(os.path.dirname(__file__), "test_posterior_step.py"))
+    "_posterior_step_cpu_tests", os.path.join(os.path.dirname(__file__), "test_posterior_step.py")
+)
 _cpu = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_cpu)
 make_state, run_steps, assert_state_close, counter, NAMES = (
-    _cpu.make_state, _cpu.run_steps, _cpu.assert_state_close, _cpu.counter, _cpu.NAMES)
+    _cpu.make_state,
+    _cpu.run_steps,
+    _cpu.assert_state_close,
+    _cpu.counter,
+    _cpu.NAMES,
+)
 
 HAS_CUDA_OP = ltm_kernels.has_op("posterior_step", "cuda")
-needs_cuda_op = pytest.mark.skipif(not HAS_CUDA_OP, reason="the extension has no CUDA kernel for ltm::posterior_step "
-                                   "(built only when torch has CUDA and nvcc is present)")
+needs_cuda_op = pytest.mark.skipif(
+    not HAS_CUDA_OP,
+    reason="the extension has no CUDA kernel for ltm::posterior_step "
+    "(built only when torch has CUDA and nvcc is present)",
+)
 
 
 def inputs(shape, dtype, steps, device="cpu", seed=1):
@@ -54,8 +64,7 @@ def test_triton_opcheck():
     shape = (2, 3, 5)
     noise, (grad,) = inputs(shape, torch.float32, 1)
     for schedule in range(3):
-        args = (*make_state(shape, torch.float32), grad, noise, counter(1), 0.34, 4, schedule, 0.9, 0.999, 1e-8,
-                0.01)
+        args = (*make_state(shape, torch.float32), grad, noise, counter(1), 0.34, 4, schedule, 0.9, 0.999, 1e-8, 0.01)
         torch.library.opcheck(torch.ops.ltm_triton.posterior_step.default, args)
 
 

@@ -1,11 +1,12 @@
 """rms_norm_triton / add_rms_norm_triton against rms_norm_ref / add_rms_norm_ref in float64: outputs, dx, the
 residual's gradient and dw; odd widths and row counts, non-contiguous inputs; the bf16 rule on a GPU."""
+
 import pytest
 import torch
-from triton_helpers import assert_close, gpu, interpreter, rel_err
 
 from ltm_kernels import add_rms_norm_triton, rms_norm_triton
 from ltm_kernels.reference import add_rms_norm_ref, rms_norm_ref
+from triton_helpers import assert_close, gpu, interpreter, rel_err
 
 F64, EPS = torch.float64, 1e-5
 
@@ -84,11 +85,13 @@ def test_opcheck():
     _, rstd = torch.ops.ltm_triton.rms_norm(xt, w, EPS)
     _, h, h_rstd = torch.ops.ltm_triton.add_rms_norm(x, r, w, EPS)
     for compute_dw in (True, False):
-        torch.library.opcheck(torch.ops.ltm_triton.rms_norm_backward.default,
-                              (dy.float().transpose(0, 1), xt, w, rstd, compute_dw))
+        torch.library.opcheck(
+            torch.ops.ltm_triton.rms_norm_backward.default, (dy.float().transpose(0, 1), xt, w, rstd, compute_dw)
+        )
         for grad_h in (dh, None):
-            torch.library.opcheck(torch.ops.ltm_triton.add_rms_norm_backward.default,
-                                  (dy, grad_h, h, w, h_rstd, compute_dw))
+            torch.library.opcheck(
+                torch.ops.ltm_triton.add_rms_norm_backward.default, (dy, grad_h, h, w, h_rstd, compute_dw)
+            )
 
 
 @interpreter

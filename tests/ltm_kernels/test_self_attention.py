@@ -2,14 +2,15 @@
 output, lse and dq, dk, dv; windows 1, small, larger than a tile, >= N; N not a multiple of the tile;
 head dims 32, 64, 128; non-contiguous inputs; argument errors; opcheck of the registered op; the kernels
 compile for sm_90; on a GPU the low-precision rule of docs/kernels.md, CUDA graphs and torch.compile."""
+
 import importlib
 
 import pytest
 import torch
-from triton_helpers import assert_close, compile_for_sm90, gpu, interpreter, rel_err
 
 from ltm_kernels import reference, self_attention_triton
 from ltm_kernels.reference import self_attention_ref, sliding_window_mask
+from triton_helpers import assert_close, compile_for_sm90, gpu, interpreter, rel_err
 
 F64 = torch.float64
 
@@ -47,9 +48,19 @@ NAMES = ("out", "dq", "dk", "dv")
 # (B, H, N, hd, window). With the interpreter's 16 x 16 tiles: N = 37 leaves a partial last tile; windows
 # 18, 20, 31, 33 cut tiles on the window's edge and leave whole tiles inside it (the unmasked path; 31 puts an
 # unmasked tile right against the window's edge); 1000 >= N is plain causal; hd 128 at a small N.
-CASES = [(1, 2, 37, 64, 1), (1, 2, 37, 64, 3), (1, 2, 37, 64, 16), (1, 2, 37, 64, 20), (1, 2, 37, 64, 37),
-         (1, 2, 37, 64, 1000), (1, 2, 40, 32, 18), (1, 1, 64, 32, 31), (2, 1, 64, 32, 33), (1, 1, 20, 128, 5),
-         (1, 1, 20, 128, 1000)]
+CASES = [
+    (1, 2, 37, 64, 1),
+    (1, 2, 37, 64, 3),
+    (1, 2, 37, 64, 16),
+    (1, 2, 37, 64, 20),
+    (1, 2, 37, 64, 37),
+    (1, 2, 37, 64, 1000),
+    (1, 2, 40, 32, 18),
+    (1, 1, 64, 32, 31),
+    (2, 1, 64, 32, 33),
+    (1, 1, 20, 128, 5),
+    (1, 1, 20, 128, 1000),
+]
 
 
 @interpreter
@@ -95,10 +106,11 @@ def test_non_contiguous_inputs_and_float64_tables():
         assert g.shape == (B, H, N, hd) and g.stride() == q.stride(), (name, g.stride())  # no copy to merge heads
         assert_close(g, w, 2e-6, name)
     # not dense (the first N - 3 rows of float32 buffers): the output is a fresh dense tensor (empty_like)
-    q, k, v = (t.float()[:, :, :N - 3] for t in (q, k, v))
-    got = self_attention_triton(q, k, v, cos[:N - 3], sin[:N - 3], window)
-    assert_close(got, self_attention_ref(q.double(), k.double(), v.double(), cos[:N - 3], sin[:N - 3], window),
-                 2e-6, "out")
+    q, k, v = (t.float()[:, :, : N - 3] for t in (q, k, v))
+    got = self_attention_triton(q, k, v, cos[: N - 3], sin[: N - 3], window)
+    assert_close(
+        got, self_attention_ref(q.double(), k.double(), v.double(), cos[: N - 3], sin[: N - 3], window), 2e-6, "out"
+    )
 
 
 @interpreter
@@ -157,8 +169,9 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.ltm_triton.self_attention.default, (q, k, v, cos, sin, window))
     q, k, v, dout = (t.detach() for t in (q, k, v, dout))
     out, lse = torch.ops.ltm_triton.self_attention(q, k, v, cos, sin, window)
-    torch.library.opcheck(torch.ops.ltm_triton.self_attention_backward.default,
-                          (dout, q, k, v, cos, sin, out, lse, window))
+    torch.library.opcheck(
+        torch.ops.ltm_triton.self_attention_backward.default, (dout, q, k, v, cos, sin, out, lse, window)
+    )
 
 
 @interpreter
@@ -181,6 +194,7 @@ def test_torch_compile_fullgraph_traces_the_ops():
 
 
 # ---- GPU: the compiled kernels ----
+
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -245,8 +259,7 @@ def test_gpu_torch_compile_fullgraph():
 
     compiled = torch.compile(fn, fullgraph=True)
     want = run(lambda q, k, v, c, s, w: fn(q, k, v, c, s), q, k, v, dout, cos, sin, window, torch.bfloat16, "cuda")
-    got = run(lambda q, k, v, c, s, w: compiled(q, k, v, c, s), q, k, v, dout, cos, sin, window, torch.bfloat16,
-              "cuda")
+    got = run(lambda q, k, v, c, s, w: compiled(q, k, v, c, s), q, k, v, dout, cos, sin, window, torch.bfloat16, "cuda")
     for name, g, w in zip(NAMES, got, want):
         assert_close(g, w, 1e-2, name)  # the elementwise ops around it may fuse and round differently
 
@@ -261,7 +274,7 @@ def test_gpu_opcheck():
 
 # ---- every kernel compiles for an H100 (sm_90), on any machine ----
 
-COMPILE_SCRIPT = r'''
+COMPILE_SCRIPT = r"""
 sa = importlib.import_module("ltm_kernels.self_attention")
 
 def strides(*names):
@@ -285,7 +298,7 @@ for dt in ("bf16", "fp32"):
              do_ptr=P, lse_ptr="*fp32", delta_ptr="*fp32", dk_ptr=P, dv_ptr=P, **strides("q", "k", "v", "o", "y"),
              **scalars, sm_scale="fp32", N_KEY="i32", WINDOW_KEY="i32"), dkdv, 8 if dt == "bf16" else 4, 3)
 print("ALL OK")
-'''
+"""
 
 
 @pytest.mark.slow

@@ -1,10 +1,11 @@
 """swiglu_triton (Triton) against swiglu_ref in float64: output, dgate, dup; odd sizes; the bf16 rule on a GPU."""
+
 import pytest
 import torch
-from triton_helpers import assert_close, gpu, interpreter, rel_err
 
 from ltm_kernels import swiglu_triton
 from ltm_kernels.reference import swiglu_ref
+from triton_helpers import assert_close, gpu, interpreter, rel_err
 
 F64 = torch.float64
 
@@ -25,8 +26,9 @@ def make_inputs(shape, seed=0):
 @pytest.mark.parametrize("shape", [(3, 5, 96), (2051,), (1, 7, 1376)])
 def test_equals_float64_reference(shape):
     inputs = make_inputs(shape)
-    for name, got, want in zip(("out", "dgate", "dup"), run(swiglu_triton, *inputs, torch.float32),
-                               run(swiglu_ref, *inputs, F64)):
+    for name, got, want in zip(
+        ("out", "dgate", "dup"), run(swiglu_triton, *inputs, torch.float32), run(swiglu_ref, *inputs, F64)
+    ):
         assert got.dtype == torch.float32 and got.shape == want.shape
         assert_close(got, want, 1e-6, name)
 
@@ -45,8 +47,9 @@ def test_non_contiguous_and_bad_inputs():
 @interpreter
 def test_opcheck_and_torch_compile_fullgraph():
     gate, up, dout = (t.float() for t in make_inputs((3, 5, 40)))
-    torch.library.opcheck(torch.ops.ltm_triton.swiglu.default,
-                          (gate.mT.requires_grad_(True), up.mT.requires_grad_(True)))
+    torch.library.opcheck(
+        torch.ops.ltm_triton.swiglu.default, (gate.mT.requires_grad_(True), up.mT.requires_grad_(True))
+    )
     torch.library.opcheck(torch.ops.ltm_triton.swiglu_backward.default, (dout, gate, up))
     torch.library.opcheck(torch.ops.ltm_triton.swiglu_backward.default, (dout.mT, gate.mT, up.mT))
     torch._dynamo.reset()

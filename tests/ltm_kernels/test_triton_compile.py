@@ -9,7 +9,7 @@ Run in a subprocess: the kernels must be decorated without TRITON_INTERPRET (tes
 
 from triton_helpers import compile_for_sm90
 
-SCRIPT = r'''
+SCRIPT = r"""
 lce = importlib.import_module("ltm_kernels.lm_head_nll")
 rms = importlib.import_module("ltm_kernels.rms_norm")
 swi = importlib.import_module("ltm_kernels.swiglu")
@@ -38,7 +38,7 @@ for dt in ("bf16", "fp32"):
                  beta1="fp64", beta2="fp64", eps="fp64", weight_decay="fp64"),
                  dict(SCHEDULE=schedule, LERP_FROM_M=True, BLOCK=pst._BLOCK), 4)
 print("ALL OK")
-'''
+"""
 
 
 def test_kernels_compile_for_sm90():
