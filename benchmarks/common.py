@@ -17,6 +17,7 @@ imported by the tests through pytest's `pythonpath` setting.
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import platform
@@ -57,6 +58,16 @@ class Unavailable(Exception):
 
 
 # ---------------------------------------------------------------------------------------------- timing
+def add_inner_loop_arguments(parser: argparse.ArgumentParser) -> None:
+    """--lr, --schedule and --weight-decay, defaulting to the published settings (ltm.InnerLoopConfig)."""
+    from ltm.latents import InnerLoopConfig
+
+    defaults = InnerLoopConfig()
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="peak lr of AdamW on (mu, logvar)")
+    parser.add_argument("--schedule", default=defaults.schedule)
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

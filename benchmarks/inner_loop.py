@@ -44,6 +44,7 @@ from common import (
     DTYPES,
     RESULTS_DIR,
     Unavailable,
+    add_inner_loop_arguments,
     device_info,
     git_commit,
     max_rel_error,
@@ -561,9 +562,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--train", action="store_true", help="time training iterations: inner loop + decoder update (Algorithm 1)"
     )
-    p.add_argument("--lr", type=float, default=0.34)
-    p.add_argument("--schedule", default="cosine")
-    p.add_argument("--weight-decay", type=float, default=0.01)
+    add_inner_loop_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", action="store_true", help="also write a PNG next to the JSON (needs matplotlib)")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/<name>.json)")

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import environment, slug, write_result
+from common import add_inner_loop_arguments, environment, slug, write_result
 from inner_loop import DTYPES, build_variant, make_inputs, make_runner
 
 from ltm import LTMConfig, LTMDecoder
@@ -71,9 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--loops", type=int, default=1, help="profiled loops (after one warm-up loop)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--top", type=int, default=25, help="ops printed")
-    p.add_argument("--lr", type=float, default=0.34)
-    p.add_argument("--schedule", default="cosine")
-    p.add_argument("--weight-decay", type=float, default=0.01)
+    add_inner_loop_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/<name>.json)")
     args = p.parse_args(argv)

@@ -1,4 +1,4 @@
-"""sm_90 resources of every Triton kernel config that `backend="auto"` launches at the DESIGN shapes (ltm-l,
+"""sm_90 resources of every Triton kernel config that `backend="auto"` launches at the reference GPU shapes (ltm-l,
 batch 64 x 1024 tokens, bf16), from the ahead-of-time compile for an H100/H200: no GPU needed.
 
     python benchmarks/sm90_resources.py                  # markdown table on stdout (benchmarks/NOTES.md)
@@ -112,7 +112,7 @@ def _signature(fn, overrides: dict[str, str]) -> dict[str, str]:
 
 
 def configs() -> list[dict]:
-    """Every (op, kernel, constexprs, warps, stages) that `auto` launches on an H100/H200 at the DESIGN shapes."""
+    """Every (op, kernel, constexprs, warps, stages) that `auto` launches on an H100/H200 at the GPU shapes."""
     cfg = LTMConfig.from_name(PRESET)
     hd, M, d, V = cfg.d_model // cfg.n_head, cfg.n_z // cfg.n_layer, cfg.d_model, cfg.vocab_size
     bf16 = torch.bfloat16

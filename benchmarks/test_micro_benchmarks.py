@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import ltm_kernels
+from ltm.latents import InnerLoopConfig
 from ltm_kernels import reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -141,5 +142,5 @@ def test_posterior_step(benchmark, size, impl):
     step = torch.zeros(1, dtype=torch.int64, device=DEVICE)
     benchmark.group = "posterior_step"
     # constant schedule: the counter passes total_steps over the benchmark's many rounds, which it then allows
-    benchmark(synchronized(lambda: fn(*state, grad_z, noise, step, 0.34, 16, "constant")))
+    benchmark(synchronized(lambda: fn(*state, grad_z, noise, step, InnerLoopConfig().lr, 16, "constant")))
     assert step.item() >= 1 and all(torch.isfinite(t).all() for t in state)

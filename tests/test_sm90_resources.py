@@ -1,4 +1,4 @@
-"""The Triton kernel configs that `backend="auto"` launches at the DESIGN shapes (ltm-l, 64 x 1024, bf16) fit an
+"""The Triton kernel configs that `backend="auto"` launches at the reference GPU shapes (ltm-l, 64 x 1024, bf16) fit an
 H100/H200 (sm_90): at most 227 KB of shared memory per program, and no register spills. Compiled ahead of time
 by benchmarks/sm90_resources.py (no GPU needed), which also writes the table in benchmarks/NOTES.md."""
 
@@ -15,7 +15,7 @@ from triton_helpers import HAS_TRITON
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMEM_LIMIT = 227 * 1024
 
-# Known spills, measured by the report (benchmarks/NOTES.md, "sm_90 resources at the DESIGN shapes"): most
+# Known spills, measured by the report (benchmarks/NOTES.md, "sm_90 resources at the reference GPU shapes"): most
 # self-attention autotune candidates (forward 2-3 of 5, dQ and dK/dV 3-4 of 4, by triton version) and, under
 # triton 3.6 only, the latent-attention backward (16 bytes). Not fixed here: the kernels' owner chooses the
 # tiles (ltm_kernels/self_attention.py _*_CONFIGS, latent_attention._bwd_config), and which tile is fastest
