@@ -19,7 +19,9 @@
 //           GEMMs (l^T = W_j H^T and a^T += W_j^T P^T) use one 12 x 32 register-tile kernel that broadcasts
 //           weight elements against rows of a packed H^T (or P^T) panel; nothing of W is packed or copied.
 //   blas    float64, and float without AVX-512: the row-major problem with the BLAS GEMM of blas.h.
-// bfloat16 / float16 inputs are converted to float on entry and computed in float.
+//   amx     bfloat16 on CPUs with AMX (and AVX512-BF16), d a multiple of 32: both GEMMs on the tile unit with
+//           fp32 accumulation, the softmax in fp32 and P rounded to bf16 for the dh GEMM.
+// Other bfloat16 / float16 inputs are converted to float on entry and computed in float.
 // Workspace: per-thread buffers that only ever grow, kept across calls (thread_local), so the inner loop's
 // steps reuse them instead of page-faulting fresh ones in every step.
 #include <ATen/ATen.h>
@@ -34,6 +36,11 @@
 // -Wmaybe-uninitialized reports in every function that inlines them: a false positive of the header.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+
+#if defined(__x86_64__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -273,6 +280,254 @@ LTM_AVX512 void task_avx512(const float* H, const float* W, const int64_t* tgt, 
 #undef LTM_AVX512
 #endif  // __x86_64__
 
+// -------------------------------------------------------------------------------------------- amx engine
+// bfloat16 on CPUs with AMX (Intel Sapphire Rapids and later): both GEMMs on the tile unit, fp32 accumulation.
+// The row-major problem: l = H W_j^T (A = H rows, B = W_j^T in the pair-interleaved "VNNI" layout), the online
+// softmax along each row in fp32, P rounded to bf16, then a += P W_j (A = P rows, B = W_j pair-interleaved
+// along the vocabulary). The two B layouts of W are packed once per call, shared by all tasks. Tiles: 16 rows
+// x 64 bytes each; C is 2 x 2 tiles (32 rows x 32 columns), so a task's rows and d are multiples of 32.
+#if defined(__x86_64__) && defined(__linux__)
+#define LTM_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+
+constexpr int64_t kAmxVocab = 256;  // vocabulary rows per block: l (128 x 256 fp32) and P stay in L2
+constexpr int64_t kAmxRows = 128;
+
+// AMX needs the kernel's permission for the tile data state (Linux 5.16+); asked once per process.
+bool amx_usable() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    if (cpu_isa() != Isa::kAvx512 || !__builtin_cpu_supports("avx512bf16")) {
+      return false;
+    }
+    unsigned a, b, c, d;
+    __asm__("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+    const bool amx_bf16 = (d >> 22) & 1, amx_tile = (d >> 24) & 1;
+    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
+    return amx_bf16 && amx_tile && syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+  }();
+  return ok;
+}
+
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+LTM_AMX inline void amx_begin() {
+  TileConfig cfg;
+  for (int i = 0; i < 8; ++i) {
+    cfg.colsb[i] = 64;
+    cfg.rows[i] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// C (32 x 32 fp32, row stride ldc floats) (+)= A (32 x 32K bf16, row stride lda elements) B, B in VNNI layout:
+// 16K rows of pairs (row stride ldb uint32), 32 columns. Tiles 0-3 hold C, 4-5 A, 6-7 B.
+LTM_AMX inline void amx_block(int64_t ksteps, const uint16_t* a, int64_t lda, const uint32_t* b, int64_t ldb, float* c,
+                              int64_t ldc, bool accumulate) {
+  if (accumulate) {
+    _tile_loadd(0, c, ldc * 4);
+    _tile_loadd(1, c + 16, ldc * 4);
+    _tile_loadd(2, c + 16 * ldc, ldc * 4);
+    _tile_loadd(3, c + 16 * ldc + 16, ldc * 4);
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t k = 0; k < ksteps; ++k) {
+    const uint16_t* ak = a + k * 32;
+    const uint32_t* bk = b + k * 16 * ldb;
+    _tile_loadd(4, ak, lda * 2);
+    _tile_loadd(6, bk, ldb * 4);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, bk + 16, ldb * 4);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(5, ak + 16 * lda, lda * 2);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, ldc * 4);
+  _tile_stored(1, c + 16, ldc * 4);
+  _tile_stored(2, c + 16 * ldc, ldc * 4);
+  _tile_stored(3, c + 16 * ldc + 16, ldc * 4);
+}
+
+LTM_AMX inline float bf16_to_float(uint16_t x) {
+  uint32_t u = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Per block j of kAmxVocab vocabulary rows (zero past V):
+//   wt: (d / 2) x kAmxVocab pairs, wt[p][n] = (W[n][2p], W[n][2p + 1])        B of l = H W_j^T
+//   wv: (kAmxVocab / 2) x d pairs, wv[q][k] = (W[2q][k], W[2q + 1][k])         B of a += P W_j
+void amx_pack(const uint16_t* W, int64_t V, int64_t d, uint32_t* wt, uint32_t* wv) {
+  const int64_t blocks = (V + kAmxVocab - 1) / kAmxVocab, block = kAmxVocab * d;
+  at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t j = lo; j < hi; ++j) {
+      uint32_t* t = wt + j * block / 2;
+      uint32_t* v = wv + j * block / 2;
+      for (int64_t n = 0; n < kAmxVocab; ++n) {
+        const int64_t row = j * kAmxVocab + n;
+        const uint16_t* w = row < V ? W + row * d : nullptr;
+        for (int64_t p = 0; p < d / 2; ++p) {
+          uint32_t pair = 0;
+          if (w != nullptr) {
+            std::memcpy(&pair, w + 2 * p, 4);
+          }
+          t[p * kAmxVocab + n] = pair;
+        }
+      }
+      for (int64_t q = 0; q < kAmxVocab / 2; ++q) {
+        const int64_t r0 = j * kAmxVocab + 2 * q;
+        for (int64_t k = 0; k < d; ++k) {
+          const uint32_t lo16 = r0 < V ? W[r0 * d + k] : 0, hi16 = r0 + 1 < V ? W[(r0 + 1) * d + k] : 0;
+          v[q * d + k] = lo16 | (hi16 << 16);
+        }
+      }
+    }
+  });
+}
+
+LTM_AMX inline float hmax(__m512 x) { return _mm512_reduce_max_ps(x); }
+
+// One task: rows [r0, r0 + rows) of H (M x d bf16); the same outputs as task_avx512.
+LTM_AMX void task_amx(const uint16_t* H, const uint16_t* W, const uint32_t* wt, const uint32_t* wv, const int64_t* tgt,
+                      int64_t rows, int64_t d, int64_t V, bool want_dh, float* lse, float* row_nll, float* dh) {
+  constexpr int64_t vb = kAmxVocab;
+  const int64_t rp = (rows + 31) / 32 * 32;
+  uint16_t* hp = scratch<uint16_t, 7>(rp * d);   // H rows, zero past `rows`
+  float* l = scratch<float, 8>(rp * vb);         // one block's logits
+  uint16_t* pb = scratch<uint16_t, 9>(rp * vb);  // P in bf16
+  float* a = scratch<float, 10>(want_dh ? rp * d : 1);
+  float* stat = scratch<float, 11>(3 * rp);
+  float *m = stat, *s = stat + rp, *tl = stat + 2 * rp;
+  std::memcpy(hp, H, rows * d * 2);
+  std::memset(hp + rows * d, 0, (rp - rows) * d * 2);
+  std::memset(pb, 0, rp * vb * 2);
+  std::fill(m, m + rp, -std::numeric_limits<float>::infinity());
+  std::fill(s, s + rp, 0.0f);
+  std::fill(tl, tl + rp, 0.0f);
+  if (want_dh) {
+    std::fill(a, a + rp * d, 0.0f);
+  }
+  amx_begin();
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j0 = 0, blk = 0; j0 < V; j0 += vb, ++blk) {
+    const int64_t jb = std::min(vb, V - j0);
+    const uint32_t* wtj = wt + blk * vb * d / 2;
+    for (int64_t i = 0; i < rp; i += 32) {
+      for (int64_t c = 0; c < vb; c += 32) {
+        amx_block(d / 32, hp + i * d, d, wtj + c, vb, l + i * vb + c, vb, false);
+      }
+    }
+    for (int64_t t = 0; t < rows; ++t) {
+      float* lr = l + t * vb;
+      const int64_t ct = tgt[t] - j0;
+      if (ct >= 0 && ct < jb) {
+        tl[t] = lr[ct];
+      }
+      __m512 vmx = ninf;
+      for (int64_t c = 0; c < jb; c += 16) {
+        const __mmask16 k = jb - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (jb - c)) - 1);
+        vmx = _mm512_max_ps(vmx, _mm512_mask_loadu_ps(ninf, k, lr + c));
+      }
+      const float mx = std::max(m[t], hmax(vmx));
+      const float sc = exp_softmax(m[t] - mx);
+      const __m512 vm = _mm512_set1_ps(mx);
+      __m512 sum = _mm512_setzero_ps();
+      uint16_t* pr = pb + t * vb;
+      for (int64_t c = 0; c < jb; c += 16) {
+        const __mmask16 k = jb - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (jb - c)) - 1);
+        const __m512 p = _mm512_maskz_mov_ps(k, exp_softmax16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, lr + c), vm)));
+        sum = _mm512_add_ps(sum, p);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + c), (__m256i)_mm512_cvtneps_pbh(p));
+      }
+      s[t] = s[t] * sc + _mm512_reduce_add_ps(sum);
+      m[t] = mx;
+      if (want_dh && sc != 1.0f) {
+        float* ar = a + t * d;
+        for (int64_t k = 0; k < d; ++k) {
+          ar[k] *= sc;
+        }
+      }
+    }
+    if (want_dh) {
+      const uint32_t* wvj = wv + blk * vb * d / 2;
+      for (int64_t i = 0; i < rp; i += 32) {
+        for (int64_t c = 0; c < d; c += 32) {
+          amx_block(vb / 32, pb + i * vb, vb, wvj + c, d, a + i * d + c, d, true);
+        }
+      }
+    }
+  }
+  _tile_release();
+  for (int64_t t = 0; t < rows; ++t) {
+    lse[t] = m[t] + std::log(s[t]);
+    const bool keep = tgt[t] >= 0;
+    row_nll[t] = keep ? lse[t] - tl[t] : 0.0f;
+    if (!want_dh) {
+      continue;
+    }
+    float* out = dh + t * d;
+    if (!keep) {
+      std::fill(out, out + d, 0.0f);
+      continue;
+    }
+    const float inv = 1.0f / s[t];
+    const uint16_t* wrow = W + tgt[t] * d;
+    const float* ar = a + t * d;
+    for (int64_t k = 0; k < d; ++k) {
+      out[k] = ar[k] * inv - bf16_to_float(wrow[k]);
+    }
+  }
+}
+
+// The AMX engine over all rows; false where it does not apply (no AMX, d not a multiple of 32).
+bool lm_head_amx(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets, bool compute_grad,
+                 at::Tensor& lse, at::Tensor& row_nll, at::Tensor& dh) {
+  const int64_t d = hidden.size(2), V = weight.size(0), M = hidden.size(0) * hidden.size(1);
+  if (hidden.scalar_type() != at::kBFloat16 || d % 32 != 0 || M == 0 || !amx_usable()) {
+    return false;
+  }
+  const at::Tensor H = hidden.contiguous(), W = weight.contiguous(), tgt = targets.contiguous();
+  const auto* h = reinterpret_cast<const uint16_t*>(H.data_ptr<at::BFloat16>());
+  const auto* w = reinterpret_cast<const uint16_t*>(W.data_ptr<at::BFloat16>());
+  const int64_t packed = (V + kAmxVocab - 1) / kAmxVocab * kAmxVocab * d / 2;
+  // On the calling thread, grow-only: the steps of an inner loop reuse it (the workers only read it).
+  uint32_t* wt = scratch<uint32_t, 12>(2 * packed);
+  uint32_t* wv = wt + packed;
+  amx_pack(w, V, d, wt, wv);
+  const int64_t* t = tgt.data_ptr<int64_t>();
+  float *l = lse.data_ptr<float>(), *nl = row_nll.data_ptr<float>();
+  float* g = compute_grad ? dh.data_ptr<float>() : nullptr;
+  const int64_t threads = at::get_num_threads();
+  int64_t R = kAmxRows;
+  while (R > 32 && (M + R - 1) / R < 2 * threads) {
+    R -= 32;
+  }
+  const int64_t tasks = (M + R - 1) / R;
+  at::parallel_for(0, tasks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t r0 = task * R, rows = std::min(R, M - r0);
+      task_amx(h + r0 * d, w, wt, wv, t + r0, rows, d, V, compute_grad, l + r0, nl + r0,
+               g == nullptr ? nullptr : g + r0 * d);
+    }
+  });
+  return true;
+}
+#undef LTM_AMX
+#else
+bool lm_head_amx(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, at::Tensor&, at::Tensor&, at::Tensor&) {
+  return false;
+}
+#endif  // __x86_64__ && __linux__
+
 // ------------------------------------------------------------------------------------------- blas engine
 
 inline float exp_impl(float x) { return exp_softmax(x); }
@@ -396,14 +651,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lm_head_nll_cpu(const at::Tensor&
   check_inputs(hidden, weight, targets);
   const auto ct = compute_type(hidden.scalar_type());
   const int64_t B = hidden.size(0), N = hidden.size(1), d = hidden.size(2), V = weight.size(0), M = B * N;
-  const at::Tensor H = hidden.to(ct).contiguous();
-  const at::Tensor W = weight.to(ct).contiguous();
-  const at::Tensor tgt = targets.contiguous();
   const auto opts = hidden.options().dtype(ct);
   at::Tensor lse = at::empty({M}, opts);
   at::Tensor row_nll = at::empty({M}, opts);
   at::Tensor dh = compute_grad ? at::empty({B, N, d}, opts) : at::empty({0}, opts);
-  if (M > 0) {
+  if (M > 0 && !lm_head_amx(hidden, weight, targets, compute_grad, lse, row_nll, dh)) {
+    const at::Tensor H = hidden.to(ct).contiguous();
+    const at::Tensor W = weight.to(ct).contiguous();
+    const at::Tensor tgt = targets.contiguous();
     AT_DISPATCH_FLOATING_TYPES(ct, "lm_head_nll", [&] {
       const Plan plan = choose_plan<scalar_t>(M, d);
       const scalar_t* h = H.data_ptr<scalar_t>();
