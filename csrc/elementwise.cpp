@@ -21,6 +21,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <tuple>
 
@@ -33,6 +34,30 @@ inline double exp_impl(double x) { return std::exp(x); }
 template <typename A>
 inline A sigmoid(A g) {
   return A(1) / (A(1) + exp_impl(-g));
+}
+
+// bfloat16 <-> float by bit operations (round to nearest even, NaN kept): c10's conversion branches on NaN,
+// which keeps the loops below from vectorising.
+template <typename T>
+inline at::opmath_type<T> to_acc(T v) {
+  return static_cast<at::opmath_type<T>>(v);
+}
+inline float to_acc(at::BFloat16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+template <typename T>
+inline T from_acc(at::opmath_type<T> v) {
+  return static_cast<T>(v);
+}
+template <>
+inline at::BFloat16 from_acc<at::BFloat16>(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  bits = v != v ? 0x7FC00000u : bits + 0x7FFFu + ((bits >> 16) & 1u);
+  return at::BFloat16(static_cast<uint16_t>(bits >> 16), at::BFloat16::from_bits());
 }
 
 // ------------------------------------------------------------------------------------------ row kernels
@@ -58,14 +83,14 @@ inline void rms_norm_rows(const RmsArgs<T>& a, int64_t r0, int64_t r1) {
       const T* res = a.residual + r * d;
 #pragma omp simd reduction(+ : ss)
       for (int64_t i = 0; i < d; ++i) {
-        const T hv = static_cast<T>(static_cast<A>(x[i]) + static_cast<A>(res[i]));
+        const T hv = from_acc<T>(to_acc(x[i]) + to_acc(res[i]));
         h[i] = hv;
-        ss += static_cast<A>(hv) * static_cast<A>(hv);
+        ss += to_acc(hv) * to_acc(hv);
       }
     } else {
 #pragma omp simd reduction(+ : ss)
       for (int64_t i = 0; i < d; ++i) {
-        ss += static_cast<A>(x[i]) * static_cast<A>(x[i]);
+        ss += to_acc(x[i]) * to_acc(x[i]);
       }
     }
     const T* hr = a.residual != nullptr ? h : x;
@@ -75,7 +100,7 @@ inline void rms_norm_rows(const RmsArgs<T>& a, int64_t r0, int64_t r1) {
 #pragma omp simd
     for (int64_t i = 0; i < d; ++i) {
       // As the reference: the normalised row is rounded to T before the weight multiplies it.
-      y[i] = static_cast<T>(static_cast<A>(static_cast<T>(static_cast<A>(hr[i]) * rstd)) * static_cast<A>(a.w[i]));
+      y[i] = from_acc<T>(to_acc(from_acc<T>(to_acc(hr[i]) * rstd)) * to_acc(a.w[i]));
     }
   }
 }
@@ -100,24 +125,24 @@ inline void rms_norm_backward_rows(const RmsBackArgs<T>& a, int64_t r0, int64_t 
     A dot = 0;
 #pragma omp simd reduction(+ : dot)
     for (int64_t i = 0; i < d; ++i) {
-      dot += static_cast<A>(dy[i]) * static_cast<A>(a.w[i]) * static_cast<A>(h[i]) * rstd;
+      dot += to_acc(dy[i]) * to_acc(a.w[i]) * to_acc(h[i]) * rstd;
     }
     const A mean = dot / A(d);
     T* dh = a.dh + r * d;
     const T* extra = a.dh_out == nullptr ? nullptr : a.dh_out + r * d;
 #pragma omp simd
     for (int64_t i = 0; i < d; ++i) {
-      const A n = static_cast<A>(h[i]) * rstd;
-      A g = rstd * (static_cast<A>(dy[i]) * static_cast<A>(a.w[i]) - n * mean);
+      const A n = to_acc(h[i]) * rstd;
+      A g = rstd * (to_acc(dy[i]) * to_acc(a.w[i]) - n * mean);
       if (extra != nullptr) {
-        g += static_cast<A>(extra[i]);
+        g += to_acc(extra[i]);
       }
-      dh[i] = static_cast<T>(g);
+      dh[i] = from_acc<T>(g);
     }
     if (dw != nullptr) {
 #pragma omp simd
       for (int64_t i = 0; i < d; ++i) {
-        dw[i] += static_cast<A>(dy[i]) * static_cast<A>(static_cast<T>(static_cast<A>(h[i]) * rstd));
+        dw[i] += to_acc(dy[i]) * to_acc(from_acc<T>(to_acc(h[i]) * rstd));
       }
     }
   }
@@ -128,8 +153,8 @@ inline void swiglu_range(const T* g, const T* u, T* out, int64_t lo, int64_t hi)
   using A = at::opmath_type<T>;
 #pragma omp simd
   for (int64_t i = lo; i < hi; ++i) {
-    const A gv = g[i];
-    out[i] = static_cast<T>(gv * sigmoid(gv) * static_cast<A>(u[i]));
+    const A gv = to_acc(g[i]);
+    out[i] = from_acc<T>(gv * sigmoid(gv) * to_acc(u[i]));
   }
 }
 
@@ -138,14 +163,14 @@ inline void swiglu_backward_range(const T* dout, const T* g, const T* u, T* dg, 
   using A = at::opmath_type<T>;
 #pragma omp simd
   for (int64_t i = lo; i < hi; ++i) {
-    const A gv = g[i], uv = u[i], go = dout[i];
+    const A gv = to_acc(g[i]), uv = to_acc(u[i]), go = to_acc(dout[i]);
     const A s = sigmoid(gv);
-    dg[i] = static_cast<T>(go * uv * s * (A(1) + gv * (A(1) - s)));
-    du[i] = static_cast<T>(go * gv * s);
+    dg[i] = from_acc<T>(go * uv * s * (A(1) + gv * (A(1) - s)));
+    du[i] = from_acc<T>(go * gv * s);
   }
 }
 
-// ------------------------------------------------------------------------------------ ISA copies (float)
+// ------------------------------------------------------------------------- ISA copies (all but float64)
 
 template <typename T>
 struct Fns {
@@ -174,46 +199,43 @@ template <typename T>
 }
 
 #if defined(__x86_64__)
-[[gnu::target("avx2"), gnu::flatten]] void rms_avx2(const RmsArgs<float>& a, int64_t r0, int64_t r1) {
-  rms_norm_rows<float>(a, r0, r1);
-}
-[[gnu::target("avx2"), gnu::flatten]] void rms_back_avx2(const RmsBackArgs<float>& a, int64_t r0, int64_t r1,
-                                                         int64_t task) {
-  rms_norm_backward_rows<float>(a, r0, r1, task);
-}
-[[gnu::target("avx2"), gnu::flatten]] void swiglu_avx2(const float* g, const float* u, float* o, int64_t lo,
-                                                       int64_t hi) {
-  swiglu_range<float>(g, u, o, lo, hi);
-}
-[[gnu::target("avx2"), gnu::flatten]] void swiglu_back_avx2(const float* go, const float* g, const float* u, float* dg,
-                                                            float* du, int64_t lo, int64_t hi) {
-  swiglu_backward_range<float>(go, g, u, dg, du, lo, hi);
-}
+// Templates, so the bfloat16 / float16 copies get the vector ISA too (their conversions vectorise with it).
+#define LTM_AVX2 gnu::target("avx2,fma,f16c"), gnu::flatten
 // prefer-vector-width=512: GCC would otherwise stay on 256-bit vectors.
-#define LTM_AVX512 gnu::target("avx512f,avx512bw,avx512vl,prefer-vector-width=512"), gnu::flatten
-[[LTM_AVX512]] void rms_avx512(const RmsArgs<float>& a, int64_t r0, int64_t r1) { rms_norm_rows<float>(a, r0, r1); }
-[[LTM_AVX512]] void rms_back_avx512(const RmsBackArgs<float>& a, int64_t r0, int64_t r1, int64_t task) {
-  rms_norm_backward_rows<float>(a, r0, r1, task);
-}
-[[LTM_AVX512]] void swiglu_avx512(const float* g, const float* u, float* o, int64_t lo, int64_t hi) {
-  swiglu_range<float>(g, u, o, lo, hi);
-}
-[[LTM_AVX512]] void swiglu_back_avx512(const float* go, const float* g, const float* u, float* dg, float* du,
-                                       int64_t lo, int64_t hi) {
-  swiglu_backward_range<float>(go, g, u, dg, du, lo, hi);
-}
+#define LTM_AVX512 gnu::target("avx512f,avx512bw,avx512vl,fma,f16c,prefer-vector-width=512"), gnu::flatten
+#define LTM_ISA_COPIES(isa, attr)                                                                              \
+  template <typename T>                                                                                        \
+  [[attr]] void rms_##isa(const RmsArgs<T>& a, int64_t r0, int64_t r1) {                                       \
+    rms_norm_rows<T>(a, r0, r1);                                                                               \
+  }                                                                                                            \
+  template <typename T>                                                                                        \
+  [[attr]] void rms_back_##isa(const RmsBackArgs<T>& a, int64_t r0, int64_t r1, int64_t task) {                \
+    rms_norm_backward_rows<T>(a, r0, r1, task);                                                                \
+  }                                                                                                            \
+  template <typename T>                                                                                        \
+  [[attr]] void swiglu_##isa(const T* g, const T* u, T* o, int64_t lo, int64_t hi) {                           \
+    swiglu_range<T>(g, u, o, lo, hi);                                                                          \
+  }                                                                                                            \
+  template <typename T>                                                                                        \
+  [[attr]] void swiglu_back_##isa(const T* go, const T* g, const T* u, T* dg, T* du, int64_t lo, int64_t hi) { \
+    swiglu_backward_range<T>(go, g, u, dg, du, lo, hi);                                                        \
+  }
+LTM_ISA_COPIES(avx2, LTM_AVX2)
+LTM_ISA_COPIES(avx512, LTM_AVX512)
+#undef LTM_ISA_COPIES
 #undef LTM_AVX512
+#undef LTM_AVX2
 #endif  // __x86_64__
 
 template <typename T>
 Fns<T> select_fns() {
 #if defined(__x86_64__)
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (!std::is_same_v<T, double>) {
     switch (cpu_isa()) {
       case Isa::kAvx512:
-        return {rms_avx512, rms_back_avx512, swiglu_avx512, swiglu_back_avx512};
+        return {rms_avx512<T>, rms_back_avx512<T>, swiglu_avx512<T>, swiglu_back_avx512<T>};
       case Isa::kAvx2:
-        return {rms_avx2, rms_back_avx2, swiglu_avx2, swiglu_back_avx2};
+        return {rms_avx2<T>, rms_back_avx2<T>, swiglu_avx2<T>, swiglu_back_avx2<T>};
       case Isa::kDefault:
         break;
     }
