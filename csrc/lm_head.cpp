@@ -107,6 +107,30 @@ Plan choose_plan(int64_t rows, int64_t d) {
   return {avx512 ? Engine::kAvx512 : Engine::kBlas, per_task, vocab_block};
 }
 
+// The end of a task, shared by the engines: lse = m + log s, nll = lse - l_target, and dh = a / s - W_target
+// (0 for an ignored row). a_at(t, k) reads the accumulator a of row t, w_at(v, k) the weight; dh may alias a.
+template <typename T, typename AccessA, typename AccessW>
+inline void finish_rows(int64_t rows, int64_t d, const T* m, const T* s, const T* tl, const int64_t* tgt, bool want_dh,
+                        T* lse, T* row_nll, T* dh, AccessA a_at, AccessW w_at) {
+  for (int64_t t = 0; t < rows; ++t) {
+    lse[t] = m[t] + std::log(s[t]);
+    const bool keep = tgt[t] >= 0;
+    row_nll[t] = keep ? lse[t] - tl[t] : T(0);
+    if (!want_dh) {
+      continue;
+    }
+    T* out = dh + t * d;
+    if (!keep) {
+      std::fill(out, out + d, T(0));
+      continue;
+    }
+    const T inv = T(1) / s[t];
+    for (int64_t k = 0; k < d; ++k) {
+      out[k] = a_at(t, k) * inv - w_at(tgt[t], k);
+    }
+  }
+}
+
 // ----------------------------------------------------------------------------------------- avx512 engine
 #if defined(__x86_64__)
 #define LTM_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,fma")))
@@ -258,24 +282,9 @@ LTM_AVX512 void task_avx512(const float* H, const float* W, const int64_t* tgt, 
       gemm_panels(d, rp, jb, Wj, 1, d, lt, rp, at, rp, scale);  // a^T = a^T * scale + W_j^T P^T
     }
   }
-  for (int64_t t = 0; t < rows; ++t) {
-    lse[t] = m[t] + std::log(s[t]);
-    const bool keep = tgt[t] >= 0;
-    row_nll[t] = keep ? lse[t] - tl[t] : 0.0f;
-    if (!want_dh) {
-      continue;
-    }
-    float* out = dh + t * d;
-    if (!keep) {
-      std::fill(out, out + d, 0.0f);
-      continue;
-    }
-    const float inv = 1.0f / s[t];
-    const float* wt = W + tgt[t] * d;
-    for (int64_t k = 0; k < d; ++k) {
-      out[k] = at[k * rp + t] * inv - wt[k];
-    }
-  }
+  finish_rows(
+      rows, d, m, s, tl, tgt, want_dh, lse, row_nll, dh, [&](int64_t t, int64_t k) { return at[k * rp + t]; },
+      [&](int64_t v, int64_t k) { return W[v * d + k]; });
 }
 #undef LTM_AVX512
 #endif  // __x86_64__
@@ -467,25 +476,9 @@ LTM_AMX void task_amx(const uint16_t* H, const uint16_t* W, const uint32_t* wt, 
     }
   }
   _tile_release();
-  for (int64_t t = 0; t < rows; ++t) {
-    lse[t] = m[t] + std::log(s[t]);
-    const bool keep = tgt[t] >= 0;
-    row_nll[t] = keep ? lse[t] - tl[t] : 0.0f;
-    if (!want_dh) {
-      continue;
-    }
-    float* out = dh + t * d;
-    if (!keep) {
-      std::fill(out, out + d, 0.0f);
-      continue;
-    }
-    const float inv = 1.0f / s[t];
-    const uint16_t* wrow = W + tgt[t] * d;
-    const float* ar = a + t * d;
-    for (int64_t k = 0; k < d; ++k) {
-      out[k] = ar[k] * inv - bf16_to_float(wrow[k]);
-    }
-  }
+  finish_rows(
+      rows, d, m, s, tl, tgt, want_dh, lse, row_nll, dh, [&](int64_t t, int64_t k) { return a[t * d + k]; },
+      [&](int64_t v, int64_t k) { return bf16_to_float(W[v * d + k]); });
 }
 
 // The AMX engine over all rows; false where it does not apply (no AMX, d not a multiple of 32).
@@ -581,24 +574,9 @@ void task_blas(const T* H, const T* W, const int64_t* tgt, int64_t rows, int64_t
       gemm<T>(false, false, rows, d, jb, T(1), l, jb, Wj, d, T(1), a, d);  // a += P W_j
     }
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    lse[r] = m[r] + std::log(s[r]);
-    const bool keep = tgt[r] >= 0;
-    row_nll[r] = keep ? lse[r] - tl[r] : T(0);
-    if (!want_dh) {
-      continue;
-    }
-    T* ar = a + r * d;
-    if (!keep) {
-      std::fill(ar, ar + d, T(0));
-      continue;
-    }
-    const T inv = T(1) / s[r];
-    const T* wt = W + tgt[r] * d;
-    for (int64_t k = 0; k < d; ++k) {
-      ar[k] = ar[k] * inv - wt[k];
-    }
-  }
+  finish_rows(
+      rows, d, m, s, tl, tgt, want_dh, lse, row_nll, dh, [&](int64_t t, int64_t c) { return a[t * d + c]; },
+      [&](int64_t v, int64_t c) { return W[v * d + c]; });
 }
 
 template <typename T>
