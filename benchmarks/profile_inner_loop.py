@@ -4,7 +4,8 @@
 
 Prints the ops by self time and writes them, with the machine and the commit, to
 benchmarks/results/profile_<variant>_<cpu>_<date>.json. Shares (not seconds) are what to read: the profiler
-adds a little time per op. Start each optimisation from the largest share (benchmarks/NOTES.md).
+adds a little time per op. Start each optimisation from the largest share (benchmarks/NOTES.md). A custom op's
+forward may be charged to its autograd node (the LM head's is): time such an op by itself before acting.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from pathlib import Path
 
 import torch
 from common import add_inner_loop_arguments, environment, slug, write_result
-from inner_loop import DTYPES, build_variant, make_inputs, make_runner
+from inner_loop import DTYPES, VARIANTS, build_variant, make_inputs, make_runner
 
 from ltm import LTMConfig, LTMDecoder
 from ltm.backends import backend_status
+from ltm.config import PRESETS
 
 
 def profile_variant(args) -> dict:
@@ -62,9 +64,9 @@ def profile_variant(args) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--variant", default="fused", help="a variant of benchmarks/inner_loop.py")
-    p.add_argument("--preset", default="ltm-cpu")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--variant", choices=VARIANTS, default="fused", help="a variant of benchmarks/inner_loop.py")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="ltm-cpu")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--steps", type=int, default=8)

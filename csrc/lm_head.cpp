@@ -92,14 +92,30 @@ struct Plan {
 // 2 MB L2), d = 256, V = 50258, 2048 rows (benchmarks/NOTES.md, "LM head"): 96 rows x 252 vocabulary rows keeps
 // H^T, a^T, the logit block and the weight block (~550 KB) in L2 on both; fewer rows per task re-stream W
 // more often, more leave too few tasks for two threads. Small problems shrink the task so every thread works.
-template <typename T>
-Plan choose_plan(int64_t rows, int64_t d) {
-  const bool avx512 = std::is_same_v<T, float> && cpu_isa() == Isa::kAvx512;
+// Rows per task: `widest` (a multiple of 32), shrunk in steps of 32 until every thread gets two tasks.
+inline int64_t task_rows(int64_t rows, int64_t widest) {
   const int64_t threads = at::get_num_threads();
-  int64_t per_task = avx512 ? 96 : 64;
+  int64_t per_task = widest;
   while (per_task > 32 && (rows + per_task - 1) / per_task < 2 * threads) {
     per_task -= 32;
   }
+  return per_task;
+}
+
+// run(r0, rows) for the tasks of `per_task` rows that cover [0, M), on ATen's threads.
+template <typename F>
+void for_each_task(int64_t M, int64_t per_task, const F& run) {
+  at::parallel_for(0, (M + per_task - 1) / per_task, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t task = lo; task < hi; ++task) {
+      run(task * per_task, std::min(per_task, M - task * per_task));
+    }
+  });
+}
+
+template <typename T>
+Plan choose_plan(int64_t rows, int64_t d) {
+  const bool avx512 = std::is_same_v<T, float> && cpu_isa() == Isa::kAvx512;
+  const int64_t per_task = task_rows(rows, avx512 ? 96 : 64);
   // d = 256 gives 252 rows (a multiple of the 12-row tile); for larger d, keep the weight block near 256 KB.
   const int64_t target_rows = (64 * 1024) / std::max<int64_t>(d, 1);
   const int64_t vocab_block =
@@ -365,13 +381,6 @@ LTM_AMX inline void amx_block(int64_t ksteps, const uint16_t* a, int64_t lda, co
   _tile_stored(3, c + 16 * ldc + 16, ldc * 4);
 }
 
-LTM_AMX inline float bf16_to_float(uint16_t x) {
-  uint32_t u = static_cast<uint32_t>(x) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
 // Per block j of kAmxVocab vocabulary rows (zero past V):
 //   wt: (d / 2) x kAmxVocab pairs, wt[p][n] = (W[n][2p], W[n][2p + 1])        B of l = H W_j^T
 //   wv: (kAmxVocab / 2) x d pairs, wv[q][k] = (W[2q][k], W[2q + 1][k])         B of a += P W_j
@@ -478,7 +487,7 @@ LTM_AMX void task_amx(const uint16_t* H, const uint16_t* W, const uint32_t* wt, 
   _tile_release();
   finish_rows(
       rows, d, m, s, tl, tgt, want_dh, lse, row_nll, dh, [&](int64_t t, int64_t k) { return a[t * d + k]; },
-      [&](int64_t v, int64_t k) { return bf16_to_float(W[v * d + k]); });
+      [&](int64_t v, int64_t k) { return static_cast<float>(at::BFloat16(W[v * d + k], at::BFloat16::from_bits())); });
 }
 
 // The AMX engine over all rows; false where it does not apply (no AMX, d not a multiple of 32).
@@ -499,18 +508,9 @@ bool lm_head_amx(const at::Tensor& hidden, const at::Tensor& weight, const at::T
   const int64_t* t = tgt.data_ptr<int64_t>();
   float *l = lse.data_ptr<float>(), *nl = row_nll.data_ptr<float>();
   float* g = compute_grad ? dh.data_ptr<float>() : nullptr;
-  const int64_t threads = at::get_num_threads();
-  int64_t R = kAmxRows;
-  while (R > 32 && (M + R - 1) / R < 2 * threads) {
-    R -= 32;
-  }
-  const int64_t tasks = (M + R - 1) / R;
-  at::parallel_for(0, tasks, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t task = lo; task < hi; ++task) {
-      const int64_t r0 = task * R, rows = std::min(R, M - r0);
-      task_amx(h + r0 * d, w, wt, wv, t + r0, rows, d, V, compute_grad, l + r0, nl + r0,
-               g == nullptr ? nullptr : g + r0 * d);
-    }
+  for_each_task(M, task_rows(M, kAmxRows), [&](int64_t r0, int64_t rows) {
+    task_amx(h + r0 * d, w, wt, wv, t + r0, rows, d, V, compute_grad, l + r0, nl + r0,
+             g == nullptr ? nullptr : g + r0 * d);
   });
   return true;
 }
@@ -645,13 +645,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lm_head_nll_cpu(const at::Tensor&
       scalar_t* l = lse.data_ptr<scalar_t>();
       scalar_t* nl = row_nll.data_ptr<scalar_t>();
       scalar_t* g = compute_grad ? dh.data_ptr<scalar_t>() : nullptr;
-      const int64_t R = plan.rows_per_task, tasks = (M + R - 1) / R;
-      at::parallel_for(0, tasks, 1, [&](int64_t lo, int64_t hi) {
-        for (int64_t task = lo; task < hi; ++task) {
-          const int64_t r0 = task * R, rows = std::min(R, M - r0);
-          run_task(plan, h + r0 * d, w, t + r0, rows, d, V, compute_grad, l + r0, nl + r0,
-                   g == nullptr ? nullptr : g + r0 * d);
-        }
+      for_each_task(M, plan.rows_per_task, [&](int64_t r0, int64_t rows) {
+        run_task(plan, h + r0 * d, w, t + r0, rows, d, V, compute_grad, l + r0, nl + r0,
+                 g == nullptr ? nullptr : g + r0 * d);
       });
     });
   }
