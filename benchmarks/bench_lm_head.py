@@ -3,6 +3,7 @@
 Variants, each computing the per-sequence summed NLL of logits = hidden @ W.T and its gradients:
   eager    `F.linear` + `F.cross_entropy` (`reference.lm_head_nll_ref`): full (tokens, V) logits
   chunked  `lm_head_nll_chunked`: PyTorch, chunked over tokens (the eager/cpp backends' LM head)
+  cpp      `lm_head_nll_cpp`: the C++ CPU kernel (csrc/lm_head.cpp; bf16 on the AMX engine where there is one)
   triton   `lm_head_nll_triton`: the same chunk loop with the Triton row kernels (CUDA only here)
   liger    Liger-Kernel's `LigerFusedLinearCrossEntropyLoss(reduction="sum")`, if importable (CUDA only;
            a scalar loss, so its time includes one loss for the whole batch rather than per sequence)
@@ -27,12 +28,12 @@ from pathlib import Path
 import torch
 from common import DTYPES, Unavailable, environment, max_rel_error, median, synchronize, time_runs, write_result
 
-from ltm_kernels import lm_head_nll_chunked, lm_head_nll_triton, triton_device_ok
+from ltm_kernels import extension_status, lm_head_nll_chunked, lm_head_nll_cpp, lm_head_nll_triton, triton_device_ok
 from ltm_kernels.lm_head_nll import default_chunk_rows
 from ltm_kernels.reference import lm_head_nll_ref
 from ltm_kernels.testing import PeakMemory
 
-VARIANTS = ("eager", "chunked", "triton", "liger")
+VARIANTS = ("eager", "chunked", "cpp", "triton", "liger")
 
 
 def liger_loss():
@@ -49,6 +50,11 @@ def variant_fn(name: str, device: torch.device):
         return lambda h, w, t, chunk_size=None: lm_head_nll_ref(h, w, t)
     if name == "chunked":
         return lm_head_nll_chunked
+    if name == "cpp":
+        available, reason = extension_status()
+        if device.type != "cpu" or not available:
+            raise Unavailable("the C++ LM head is a CPU kernel" if available else reason)
+        return lambda h, w, t, chunk_size=None: lm_head_nll_cpp(h, w, t)
     if name == "triton":
         if device.type != "cuda" or not triton_device_ok(device):
             raise Unavailable("the Triton kernels are benchmarked on CUDA only (the interpreter is for tests)")

@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+from ltm_kernels import extension_status
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_lm_head.py"
 
 
@@ -51,3 +53,8 @@ def test_writes_the_result_file(tmp_path):
         # 96 x 4099 logits vs 16-row chunks: the measured peak must show it
         assert rows["chunked"]["memory_ratio_vs_eager"] > 2, rows
         assert rows["triton"]["status"] == "unavailable" and rows["liger"]["status"] == "unavailable"
+        if extension_status()[0]:
+            assert rows["cpp"]["status"] == "ok", rows
+            assert max(rows["cpp"]["max_rel_error_vs_eager"].values()) < 1e-4
+        else:
+            assert rows["cpp"]["status"] == "unavailable"
