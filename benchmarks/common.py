@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -27,6 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from ltm.files import atomic_write_text
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -191,6 +194,8 @@ def device_info(device: torch.device) -> dict:
             name=info["cpu"],
             bf16_dot=bool({"avx512_bf16", "amx_bf16"} & set(info["cpu_isa"])),
             aten_cpu_capability=torch.backends.cpu.get_cpu_capability(),
+            # the LM head's bfloat16 engine setting (csrc/lm_head.cpp): auto, or the engine it names
+            cpu_bf16_engine=os.environ.get("LTM_CPU_BF16_ENGINE", "auto"),
             **library_versions(),
         )
     try:
@@ -218,13 +223,18 @@ def slug(text: str) -> str:
 
 def write_result(result: dict, benchmark: str, out: Path | None = None) -> Path:
     """Write `result` (with its `device` record) as JSON to `out`, or to
-    RESULTS_DIR/<benchmark>_<device name>_<date>.json; returns the path."""
+    RESULTS_DIR/<benchmark>_<device name>_<date>.json, with _2, _3, ... added where that file exists, so
+    a second run on a day keeps the first; returns the path. Written atomically: a kill leaves no half file."""
     if out is None:
         name = result.get("device", {}).get("name") or result.get("device", {}).get("type", "device")
-        out = RESULTS_DIR / f"{benchmark}_{slug(name)}_{dt.date.today()}.json"
+        stem = f"{benchmark}_{slug(name)}_{dt.date.today()}"
+        out, n = RESULTS_DIR / f"{stem}.json", 1
+        while out.exists():
+            n += 1
+            out = RESULTS_DIR / f"{stem}_{n}.json"
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     return out
 

@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ltm.files import atomic_write_text
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 BEGIN, END = "<!-- inner-loop-results:begin -->", "<!-- inner-loop-results:end -->"
 
@@ -68,7 +70,7 @@ def main(argv=None):
         tables.append(render(json.loads(path.read_text()), str(source)))
     head, rest = text.split(BEGIN, 1)
     tail = rest.split(END, 1)[1]
-    args.readme.write_text(f"{head}{BEGIN}\n{chr(10).join(tables)}{END}{tail}")
+    atomic_write_text(args.readme, f"{head}{BEGIN}\n{chr(10).join(tables)}{END}{tail}")  # a kill keeps the old
     print(f"updated {args.readme} from {len(args.results)} result file(s)")
 
 

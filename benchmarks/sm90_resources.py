@@ -41,6 +41,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from ltm import LTMConfig
+from ltm.files import atomic_write_text
 from ltm.posterior import ADAM_BETAS
 
 # the kernel modules (ltm_kernels' attributes of the same names are the public functions)
@@ -269,7 +270,8 @@ def main(argv=None) -> int:
     results = [compile_row(row) for row in configs()]
     sys.stdout.write(markdown(results))
     if args.json:
-        args.json.write_text(
+        atomic_write_text(
+            args.json,
             json.dumps(
                 dict(
                     triton=triton.__version__,
@@ -283,7 +285,7 @@ def main(argv=None) -> int:
                 ),
                 indent=1,
             )
-            + "\n"
+            + "\n",
         )
     bad = [
         f"{r['kernel']} {r['constexprs']} warps {r['num_warps']}: {'; '.join(problems(r))}"

@@ -13,15 +13,19 @@
 //   lse = m + log s,   nll_row = lse - l_target,   dh = a / s - W_target         (0 for target -1).
 // dW (decoder updates only) recomputes the logits per vocabulary block from the saved lse: one task per block.
 //
-// Engines, picked per call by `choose_plan`:
+// Engines, picked per call (`choose_plan` for float, `bf16_engine` for bfloat16):
 //   avx512  float, x86 with AVX-512F: the transposed problem l^T = W H^T, so that a SIMD vector spans 16 rows
 //           (tokens) and the softmax's max, exp and sum run across rows with no horizontal reduction. Both
 //           GEMMs (l^T = W_j H^T and a^T += W_j^T P^T) use one 12 x 32 register-tile kernel that broadcasts
 //           weight elements against rows of a packed H^T (or P^T) panel; nothing of W is packed or copied.
+//           Its Bf16Pairs kind runs bfloat16 the same way with vdpbf16ps (AVX512-BF16) on pairs of k, fp32
+//           accumulation, P rounded to bf16 and W paired along the vocabulary for the dh GEMM. Only where
+//           vdpbf16ps outruns fp32 FMA (timed once per process; AMD Zen 4/5, not Intel Xeons).
 //   blas    float64, and float without AVX-512: the row-major problem with the BLAS GEMM of blas.h.
 //   amx     bfloat16 on CPUs with AMX (and AVX512-BF16), d a multiple of 32: both GEMMs on the tile unit with
 //           fp32 accumulation, the softmax in fp32 and P rounded to bf16 for the dh GEMM.
-// Other bfloat16 / float16 inputs are converted to float on entry and computed in float.
+// Other bfloat16 and all float16 inputs are converted to float on entry and computed in float.
+// LTM_CPU_BF16_ENGINE=amx|dot|float (default auto) names the bfloat16 engine, for tests and benchmarks.
 // Workspace: per-thread buffers that only ever grow, kept across calls (thread_local), so the inner loop's
 // steps reuse them instead of page-faulting fresh ones in every step.
 #include <ATen/ATen.h>
@@ -43,12 +47,14 @@
 #endif
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <string>
 #include <tuple>
 #include <type_traits>
 
@@ -148,16 +154,90 @@ inline void finish_rows(int64_t rows, int64_t d, const T* m, const T* s, const T
 }
 
 // ----------------------------------------------------------------------------------------- avx512 engine
+
 #if defined(__x86_64__)
-#define LTM_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,fma")))
+// avx512bf16 is in the target of the float code too, so that one tile template serves both element kinds;
+// the compiler emits BF16 instructions only for the intrinsics that ask for them (the Bf16Pairs kind, run only
+// where the CPU has them).
+#define LTM_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx512bf16,fma")))
+
+// vdpbf16ps is usable: AVX-512 (not lowered by ATEN_CPU_CAPABILITY) and AVX512-BF16.
+bool bf16_dot_usable() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return cpu_isa() == Isa::kAvx512 && __builtin_cpu_supports("avx512bf16");
+  }();
+  return ok;
+}
+
+// FLOPs per ns of one thread over 24 independent accumulators: vdpbf16ps (bf16) or vfmadd231ps.
+LTM_AVX512 double dot_rate(bool bf16) {
+  __m512 acc[24];
+  for (int i = 0; i < 24; ++i) {
+    acc[i] = _mm512_set1_ps(1e-3f * static_cast<float>(i));
+  }
+  // Normal numbers read as float or as bf16 pairs (0.998 and 0.001 as either), so no denormal slows either.
+  __m512 x = _mm512_castsi512_ps(_mm512_set1_epi32(0x3F7F3F7F));
+  const __m512 y = _mm512_castsi512_ps(_mm512_set1_epi32(0x3A833A83));
+  constexpr int64_t kIters = 4096;
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t n = 0; n < kIters; ++n) {
+#pragma GCC unroll 24
+    for (int i = 0; i < 24; ++i) {
+      acc[i] = bf16 ? _mm512_dpbf16_ps(acc[i], (__m512bh)x, (__m512bh)y) : _mm512_fmadd_ps(x, y, acc[i]);
+    }
+    __asm__ volatile("" : "+v"(x));  // keeps the loop from being folded
+  }
+  const double ns = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count();
+  for (int i = 0; i < 24; ++i) {
+    __asm__ volatile("" : : "v"(acc[i]));  // the sums are used, so none of the work is dropped
+  }
+  return static_cast<double>(kIters) * 24 * 16 * (bf16 ? 4 : 2) / ns;
+}
+
+// Whether vdpbf16ps multiplies faster than fp32 FMA here, timed once per process (best of 5, ~1 ms): on the
+// Intel Xeon with AMX measured here a zmm vdpbf16ps gives half the FMA rate in FLOPs, so the float engine wins;
+// AMD Zen 4 runs it at about twice (oneDNN's bf16 GEMMs reach ~2x fp32 there, benchmarks/NOTES.md).
+bool bf16_dot_fast() {
+  static const bool fast = [] {
+    double bf = 0, fma = 0;
+    for (int r = 0; r < 5; ++r) {
+      fma = std::max(fma, dot_rate(false));
+      bf = std::max(bf, dot_rate(true));
+    }
+    return bf >= 1.3 * fma;
+  }();
+  return fast;
+}
 
 constexpr int kTileRows = 12;  // 12 x 2 accumulators + 2 B vectors + 1 broadcast: 27 of the 32 zmm registers
 
-// C[i][0:32] (+)= sum_k A(i, k) B[k][0:32] for i < MR, with A(i, k) = a[i * a_i + k * a_k]. `col_scale` null:
-// C = acc; else C = C * col_scale + acc (the online softmax's rescale of a^T, fused into the store).
-template <int MR>
-LTM_AVX512 inline void tile(int64_t K, const float* a, int64_t a_i, int64_t a_k, const float* b, int64_t ldb, float* c,
-                            int64_t ldc, const float* col_scale) {
+// The tile's element kinds. F32: one float per element, one FMA per product. Bf16Pairs: two bfloat16 of
+// consecutive k packed in one uint32 (low half first), and vdpbf16ps adds both products into an fp32 lane.
+struct F32 {
+  using Elem = float;
+  static constexpr int kPack = 1;
+  LTM_AVX512 static __m512 load(const float* p) { return _mm512_loadu_ps(p); }
+  LTM_AVX512 static __m512 bcast(float x) { return _mm512_set1_ps(x); }
+  LTM_AVX512 static __m512 madd(__m512 acc, __m512 a, __m512 b) { return _mm512_fmadd_ps(a, b, acc); }
+};
+
+struct Bf16Pairs {
+  using Elem = uint32_t;
+  static constexpr int kPack = 2;
+  LTM_AVX512 static __m512 load(const uint32_t* p) { return _mm512_castsi512_ps(_mm512_loadu_si512(p)); }
+  LTM_AVX512 static __m512 bcast(uint32_t x) { return _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(x))); }
+  LTM_AVX512 static __m512 madd(__m512 acc, __m512 a, __m512 b) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+  }
+};
+
+// C[i][0:32] (+)= sum_k A(i, k) B[k][0:32] for i < MR, with A(i, k) = a[i * a_i + k * a_k] (k counts elements
+// of the kind: pairs for Bf16Pairs). `col_scale` null: C = acc; else C = C * col_scale + acc (the online
+// softmax's rescale of a^T, fused into the store).
+template <int MR, typename E>
+LTM_AVX512 inline void tile(int64_t K, const typename E::Elem* a, int64_t a_i, int64_t a_k, const typename E::Elem* b,
+                            int64_t ldb, float* c, int64_t ldc, const float* col_scale) {
   __m512 acc0[MR], acc1[MR];
 #pragma GCC unroll 12
   for (int i = 0; i < MR; ++i) {
@@ -165,14 +245,14 @@ LTM_AVX512 inline void tile(int64_t K, const float* a, int64_t a_i, int64_t a_k,
     acc1[i] = _mm512_setzero_ps();
   }
   for (int64_t k = 0; k < K; ++k) {
-    const __m512 b0 = _mm512_loadu_ps(b + k * ldb);
-    const __m512 b1 = _mm512_loadu_ps(b + k * ldb + 16);
-    const float* ak = a + k * a_k;
+    const __m512 b0 = E::load(b + k * ldb);
+    const __m512 b1 = E::load(b + k * ldb + 16);
+    const typename E::Elem* ak = a + k * a_k;
 #pragma GCC unroll 12
     for (int i = 0; i < MR; ++i) {
-      const __m512 x = _mm512_set1_ps(ak[i * a_i]);
-      acc0[i] = _mm512_fmadd_ps(x, b0, acc0[i]);
-      acc1[i] = _mm512_fmadd_ps(x, b1, acc1[i]);
+      const __m512 x = E::bcast(ak[i * a_i]);
+      acc0[i] = E::madd(acc0[i], x, b0);
+      acc1[i] = E::madd(acc1[i], x, b1);
     }
   }
   if (col_scale == nullptr) {
@@ -191,30 +271,32 @@ LTM_AVX512 inline void tile(int64_t K, const float* a, int64_t a_i, int64_t a_k,
   }
 }
 
-template <int MR>
-LTM_AVX512 void tile_rows(int64_t K, const float* a, int64_t a_i, int64_t a_k, const float* b, int64_t ldb, float* c,
-                          int64_t ldc, const float* col_scale, int mr) {
+template <int MR, typename E>
+LTM_AVX512 void tile_rows(int64_t K, const typename E::Elem* a, int64_t a_i, int64_t a_k, const typename E::Elem* b,
+                          int64_t ldb, float* c, int64_t ldc, const float* col_scale, int mr) {
   if constexpr (MR > 0) {
     if (mr == MR) {
-      tile<MR>(K, a, a_i, a_k, b, ldb, c, ldc, col_scale);
+      tile<MR, E>(K, a, a_i, a_k, b, ldb, c, ldc, col_scale);
     } else {
-      tile_rows<MR - 1>(K, a, a_i, a_k, b, ldb, c, ldc, col_scale, mr);
+      tile_rows<MR - 1, E>(K, a, a_i, a_k, b, ldb, c, ldc, col_scale, mr);
     }
   }
 }
 
-// C (m x n, n a multiple of 32) (+)= A (m x K, element (i, k) at a[i * a_i + k * a_k]) B (K x n, row-major).
+// C (m x n fp32, n a multiple of 32) (+)= A (m x K, element (i, k) at a[i * a_i + k * a_k]) B (K x n, row-major).
 // The 32-column panel of B (K x 32) stays in L1 while the tiles walk down A.
-LTM_AVX512 void gemm_panels(int64_t m, int64_t n, int64_t K, const float* a, int64_t a_i, int64_t a_k, const float* b,
-                            int64_t ldb, float* c, int64_t ldc, const float* col_scale) {
+template <typename E>
+LTM_AVX512 void gemm_panels(int64_t m, int64_t n, int64_t K, const typename E::Elem* a, int64_t a_i, int64_t a_k,
+                            const typename E::Elem* b, int64_t ldb, float* c, int64_t ldc, const float* col_scale) {
   for (int64_t j = 0; j < n; j += 32) {
     const float* cs = col_scale == nullptr ? nullptr : col_scale + j;
     int64_t i = 0;
     for (; i + kTileRows <= m; i += kTileRows) {
-      tile<kTileRows>(K, a + i * a_i, a_i, a_k, b + j, ldb, c + i * ldc + j, ldc, cs);
+      tile<kTileRows, E>(K, a + i * a_i, a_i, a_k, b + j, ldb, c + i * ldc + j, ldc, cs);
     }
     if (i < m) {
-      tile_rows<kTileRows - 1>(K, a + i * a_i, a_i, a_k, b + j, ldb, c + i * ldc + j, ldc, cs, static_cast<int>(m - i));
+      tile_rows<kTileRows - 1, E>(K, a + i * a_i, a_i, a_k, b + j, ldb, c + i * ldc + j, ldc, cs,
+                                  static_cast<int>(m - i));
     }
   }
 }
@@ -245,21 +327,53 @@ LTM_AVX512 inline __m512 exp_softmax16(__m512 x) {
   return _mm512_mask_blend_ps(tiny, e, _mm512_setzero_ps());
 }
 
-// One task: rows [r0, r0 + rows) of the flattened (M, d) hidden. Writes lse and the row NLL, and dh when wanted.
-LTM_AVX512 void task_avx512(const float* H, const float* W, const int64_t* tgt, int64_t rows, int64_t d, int64_t V,
-                            int64_t vb, bool want_dh, float* lse, float* row_nll, float* dh) {
+// P^T of one block (jb x rp fp32, in place in lt) as the B operand of the dh GEMM: for F32 lt itself; for
+// Bf16Pairs rounded to bf16 and paired along the vocabulary, out[q][t] = (P^T[2q][t], P^T[2q + 1][t]), the row
+// past an odd jb zero.
+LTM_AVX512 inline const float* probabilities(F32, const float* lt, int64_t, int64_t) { return lt; }
+
+LTM_AVX512 inline const uint32_t* probabilities(Bf16Pairs, const float* lt, int64_t rp, int64_t jb) {
+  uint32_t* out = scratch<uint32_t, 13>((jb + 1) / 2 * rp);
+  for (int64_t q = 0; q < (jb + 1) / 2; ++q) {
+    const float* lo = lt + 2 * q * rp;
+    const bool odd_end = 2 * q + 1 == jb;
+    for (int64_t t = 0; t < rp; t += 16) {
+      const __m512i a = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(lo + t)));
+      const __m512i b = odd_end ? _mm512_setzero_si512()
+                                : _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(lo + rp + t)));
+      _mm512_storeu_si512(out + q * rp + t, _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
+    }
+  }
+  return out;
+}
+
+inline float weight_value(F32, const float* w, int64_t i) { return w[i]; }
+inline float weight_value(Bf16Pairs, const uint32_t* w, int64_t i) {
+  return static_cast<float>(at::BFloat16(reinterpret_cast<const uint16_t*>(w)[i], at::BFloat16::from_bits()));
+}
+
+// One task: rows [r0, r0 + rows) of the flattened (M, d) hidden, given as `rows` rows of d / kPack elements.
+// w_rows: the weight's V rows (A of the logits GEMM); w_pairs: A of the dh GEMM, element (k, c) at
+// w_pairs[c * d + k] with c counting kPack vocabulary rows (F32: the weight again; Bf16Pairs: vocab_pairs).
+// Writes lse and the row NLL, and dh when wanted.
+template <typename E>
+LTM_AVX512 void task_avx512(const typename E::Elem* H, const typename E::Elem* w_rows, const typename E::Elem* w_pairs,
+                            const int64_t* tgt, int64_t rows, int64_t d, int64_t V, int64_t vb, bool want_dh,
+                            float* lse, float* row_nll, float* dh) {
+  using Elem = typename E::Elem;
+  const int64_t dk = d / E::kPack;                      // elements per row
   const int64_t rp = (rows + 31) / 32 * 32;             // padded rows: the tile is 32 wide; pad rows hold zeros
-  float* ht = scratch<float, 0>(d * rp);                // H^T (d x rp)
+  Elem* ht = scratch<Elem, 0>(dk * rp);                 // H^T (dk x rp)
   float* lt = scratch<float, 1>(vb * rp);               // l^T then P^T of one vocabulary block (vb x rp)
   float* at = scratch<float, 2>(want_dh ? d * rp : 1);  // a^T (d x rp)
   float* stat = scratch<float, 3>(4 * rp);              // m, s, rescale, target logit
   float *m = stat, *s = stat + rp, *scale = stat + 2 * rp, *tl = stat + 3 * rp;
-  for (int64_t k = 0; k < d; ++k) {
-    float* row = ht + k * rp;
+  for (int64_t k = 0; k < dk; ++k) {
+    Elem* row = ht + k * rp;
     for (int64_t t = 0; t < rows; ++t) {
-      row[t] = H[t * d + k];
+      row[t] = H[t * dk + k];
     }
-    std::fill(row + rows, row + rp, 0.0f);
+    std::fill(row + rows, row + rp, Elem(0));
   }
   std::fill(m, m + rp, -std::numeric_limits<float>::infinity());
   std::fill(s, s + rp, 0.0f);
@@ -267,10 +381,9 @@ LTM_AVX512 void task_avx512(const float* H, const float* W, const int64_t* tgt, 
   if (want_dh) {
     std::fill(at, at + d * rp, 0.0f);
   }
-  for (int64_t j0 = 0; j0 < V; j0 += vb) {
+  for (int64_t j0 = 0; j0 < V; j0 += vb) {  // vb is even, so j0 / kPack is whole
     const int64_t jb = std::min(vb, V - j0);
-    const float* Wj = W + j0 * d;
-    gemm_panels(jb, rp, d, Wj, d, 1, ht, rp, lt, rp, nullptr);  // l^T = W_j H^T
+    gemm_panels<E>(jb, rp, dk, w_rows + j0 * dk, dk, 1, ht, rp, lt, rp, nullptr);  // l^T = W_j H^T
     for (int64_t t = 0; t < rows; ++t) {
       const int64_t c = tgt[t] - j0;
       if (c >= 0 && c < jb) {
@@ -294,14 +407,32 @@ LTM_AVX512 void task_avx512(const float* H, const float* W, const int64_t* tgt, 
       _mm512_storeu_ps(s + t, sum);
       _mm512_storeu_ps(scale + t, sc);
     }
-    if (want_dh) {
-      gemm_panels(d, rp, jb, Wj, 1, d, lt, rp, at, rp, scale);  // a^T = a^T * scale + W_j^T P^T
+    if (want_dh) {  // a^T = a^T * scale + W_j^T P^T
+      const Elem* pt = probabilities(E{}, lt, rp, jb);
+      gemm_panels<E>(d, rp, (jb + E::kPack - 1) / E::kPack, w_pairs + j0 / E::kPack * d, 1, d, pt, rp, at, rp, scale);
     }
   }
   finish_rows(
       rows, d, m, s, tl, tgt, want_dh, lse, row_nll, dh, [&](int64_t t, int64_t k) { return at[k * rp + t]; },
-      [&](int64_t v, int64_t k) { return W[v * d + k]; });
+      [&](int64_t v, int64_t k) { return weight_value(E{}, w_rows, v * d + k); });
 }
+// The padding of the packed weight layouts: a whole number of AMX blocks (kAmxVocab).
+constexpr int64_t kPackedVocab = 256;
+
+// wv: the weight paired along the vocabulary, wv[q][k] = (W[2q][k], W[2q + 1][k]) for q < padded / 2, zero past
+// V; `padded` a multiple of kPackedVocab. The A operand of Bf16Pairs' dh GEMM and the B operand of AMX's.
+void pack_vocab_pairs(const uint16_t* W, int64_t V, int64_t d, int64_t padded, uint32_t* wv) {
+  at::parallel_for(0, padded / kPackedVocab, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t q = lo * kPackedVocab / 2; q < hi * kPackedVocab / 2; ++q) {
+      const int64_t r0 = 2 * q;
+      for (int64_t k = 0; k < d; ++k) {
+        const uint32_t lo16 = r0 < V ? W[r0 * d + k] : 0, hi16 = r0 + 1 < V ? W[(r0 + 1) * d + k] : 0;
+        wv[q * d + k] = lo16 | (hi16 << 16);
+      }
+    }
+  });
+}
+
 #undef LTM_AVX512
 #endif  // __x86_64__
 
@@ -314,14 +445,13 @@ LTM_AVX512 void task_avx512(const float* H, const float* W, const int64_t* tgt, 
 #if defined(__x86_64__) && defined(__linux__)
 #define LTM_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
 
-constexpr int64_t kAmxVocab = 256;  // vocabulary rows per block: l (128 x 256 fp32) and P stay in L2
+constexpr int64_t kAmxVocab = kPackedVocab;  // vocabulary rows per block: l (128 x 256 fp32) and P stay in L2
 constexpr int64_t kAmxRows = 128;
 
 // AMX needs the kernel's permission for the tile data state (Linux 5.16+); asked once per process.
 bool amx_usable() {
   static const bool ok = [] {
-    __builtin_cpu_init();
-    if (cpu_isa() != Isa::kAvx512 || !__builtin_cpu_supports("avx512bf16")) {
+    if (!bf16_dot_usable()) {
       return false;
     }
     unsigned a, b, c, d;
@@ -381,15 +511,13 @@ LTM_AMX inline void amx_block(int64_t ksteps, const uint16_t* a, int64_t lda, co
   _tile_stored(3, c + 16 * ldc + 16, ldc * 4);
 }
 
-// Per block j of kAmxVocab vocabulary rows (zero past V):
-//   wt: (d / 2) x kAmxVocab pairs, wt[p][n] = (W[n][2p], W[n][2p + 1])        B of l = H W_j^T
-//   wv: (kAmxVocab / 2) x d pairs, wv[q][k] = (W[2q][k], W[2q + 1][k])         B of a += P W_j
-void amx_pack(const uint16_t* W, int64_t V, int64_t d, uint32_t* wt, uint32_t* wv) {
+// wt, per block j of kAmxVocab vocabulary rows (zero past V): (d / 2) x kAmxVocab pairs,
+// wt[p][n] = (W[n][2p], W[n][2p + 1]), the B operand of l = H W_j^T.
+void pack_amx_columns(const uint16_t* W, int64_t V, int64_t d, uint32_t* wt) {
   const int64_t blocks = (V + kAmxVocab - 1) / kAmxVocab, block = kAmxVocab * d;
   at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t j = lo; j < hi; ++j) {
       uint32_t* t = wt + j * block / 2;
-      uint32_t* v = wv + j * block / 2;
       for (int64_t n = 0; n < kAmxVocab; ++n) {
         const int64_t row = j * kAmxVocab + n;
         const uint16_t* w = row < V ? W + row * d : nullptr;
@@ -399,13 +527,6 @@ void amx_pack(const uint16_t* W, int64_t V, int64_t d, uint32_t* wt, uint32_t* w
             std::memcpy(&pair, w + 2 * p, 4);
           }
           t[p * kAmxVocab + n] = pair;
-        }
-      }
-      for (int64_t q = 0; q < kAmxVocab / 2; ++q) {
-        const int64_t r0 = j * kAmxVocab + 2 * q;
-        for (int64_t k = 0; k < d; ++k) {
-          const uint32_t lo16 = r0 < V ? W[r0 * d + k] : 0, hi16 = r0 + 1 < V ? W[(r0 + 1) * d + k] : 0;
-          v[q * d + k] = lo16 | (hi16 << 16);
         }
       }
     }
@@ -490,36 +611,84 @@ LTM_AMX void task_amx(const uint16_t* H, const uint16_t* W, const uint32_t* wt, 
       [&](int64_t v, int64_t k) { return static_cast<float>(at::BFloat16(W[v * d + k], at::BFloat16::from_bits())); });
 }
 
-// The AMX engine over all rows; false where it does not apply (no AMX, d not a multiple of 32).
-bool lm_head_amx(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets, bool compute_grad,
-                 at::Tensor& lse, at::Tensor& row_nll, at::Tensor& dh) {
+#undef LTM_AMX
+#elif defined(__x86_64__)
+bool amx_usable() { return false; }
+#endif  // __x86_64__ && __linux__
+
+// ----------------------------------------------------------------------------------------- bfloat16 entry
+
+#if defined(__x86_64__)
+enum class Bf16Engine { kAmx, kDot, kFloat };
+
+// The bfloat16 engine for rows of width d. LTM_CPU_BF16_ENGINE (read once) is auto (the default), amx, dot or
+// float: a named engine runs wherever this CPU and d allow it and the float conversion elsewhere, so the tests
+// and benchmarks can run each engine the CPU has; auto takes AMX, else vdpbf16ps where it is the faster.
+Bf16Engine bf16_engine(int64_t d) {
+  static const std::string wanted = [] {
+    const char* v = std::getenv("LTM_CPU_BF16_ENGINE");
+    return std::string(v == nullptr ? "auto" : v);
+  }();
+  TORCH_CHECK(wanted == "auto" || wanted == "amx" || wanted == "dot" || wanted == "float",
+              "LTM_CPU_BF16_ENGINE must be auto, amx, dot or float, got '", wanted, "'");
+  if ((wanted == "auto" || wanted == "amx") && d % 32 == 0 && amx_usable()) {
+    return Bf16Engine::kAmx;
+  }
+  const bool dot = wanted == "dot" || (wanted == "auto" && bf16_dot_fast());
+  return dot && d % 2 == 0 && bf16_dot_usable() ? Bf16Engine::kDot : Bf16Engine::kFloat;
+}
+
+// bfloat16 on the AMX engine or the avx512 engine's Bf16Pairs kind (vdpbf16ps), both with fp32 accumulation;
+// false for the float engine (other dtypes, other CPUs), and the caller converts to float.
+bool lm_head_bf16(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets, bool compute_grad,
+                  at::Tensor& lse, at::Tensor& row_nll, at::Tensor& dh) {
   const int64_t d = hidden.size(2), V = weight.size(0), M = hidden.size(0) * hidden.size(1);
-  if (hidden.scalar_type() != at::kBFloat16 || d % 32 != 0 || M == 0 || !amx_usable()) {
+  if (hidden.scalar_type() != at::kBFloat16 || M == 0) {
     return false;
   }
+  const Bf16Engine engine = bf16_engine(d);
+  if (engine == Bf16Engine::kFloat) {
+    return false;
+  }
+  const bool amx = engine == Bf16Engine::kAmx;
   const at::Tensor H = hidden.contiguous(), W = weight.contiguous(), tgt = targets.contiguous();
   const auto* h = reinterpret_cast<const uint16_t*>(H.data_ptr<at::BFloat16>());
   const auto* w = reinterpret_cast<const uint16_t*>(W.data_ptr<at::BFloat16>());
-  const int64_t packed = (V + kAmxVocab - 1) / kAmxVocab * kAmxVocab * d / 2;
-  // On the calling thread, grow-only: the steps of an inner loop reuse it (the workers only read it).
-  uint32_t* wt = scratch<uint32_t, 12>(2 * packed);
-  uint32_t* wv = wt + packed;
-  amx_pack(w, V, d, wt, wv);
+  const int64_t padded = (V + kPackedVocab - 1) / kPackedVocab * kPackedVocab;
+  // Packed on the calling thread's grow-only buffers: the steps of an inner loop reuse them (workers only read).
+  uint32_t* wv = compute_grad ? scratch<uint32_t, 12>(padded * d / 2) : nullptr;  // only the dh GEMM reads it
+  if (compute_grad) {
+    pack_vocab_pairs(w, V, d, padded, wv);
+  }
   const int64_t* t = tgt.data_ptr<int64_t>();
   float *l = lse.data_ptr<float>(), *nl = row_nll.data_ptr<float>();
   float* g = compute_grad ? dh.data_ptr<float>() : nullptr;
-  for_each_task(M, task_rows(M, kAmxRows), [&](int64_t r0, int64_t rows) {
-    task_amx(h + r0 * d, w, wt, wv, t + r0, rows, d, V, compute_grad, l + r0, nl + r0,
-             g == nullptr ? nullptr : g + r0 * d);
-  });
+  if (amx) {
+#if defined(__linux__)
+    uint32_t* wt = scratch<uint32_t, 14>(padded * d / 2);
+    pack_amx_columns(w, V, d, wt);
+    for_each_task(M, task_rows(M, kAmxRows), [&](int64_t r0, int64_t rows) {
+      task_amx(h + r0 * d, w, wt, wv, t + r0, rows, d, V, compute_grad, l + r0, nl + r0,
+               g == nullptr ? nullptr : g + r0 * d);
+    });
+#endif
+  } else {
+    const Plan plan = choose_plan<float>(M, d);
+    const auto* h2 = reinterpret_cast<const uint32_t*>(h);
+    const auto* w2 = reinterpret_cast<const uint32_t*>(w);
+    for_each_task(M, plan.rows_per_task, [&](int64_t r0, int64_t rows) {
+      task_avx512<Bf16Pairs>(h2 + r0 * d / 2, w2, wv, t + r0, rows, d, V, plan.vocab_block, compute_grad, l + r0,
+                             nl + r0, g == nullptr ? nullptr : g + r0 * d);
+    });
+  }
   return true;
 }
-#undef LTM_AMX
 #else
-bool lm_head_amx(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, at::Tensor&, at::Tensor&, at::Tensor&) {
+bool lm_head_bf16(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, at::Tensor&, at::Tensor&,
+                  at::Tensor&) {
   return false;
 }
-#endif  // __x86_64__ && __linux__
+#endif  // __x86_64__
 
 // ------------------------------------------------------------------------------------------- blas engine
 
@@ -585,7 +754,7 @@ void run_task(const Plan& plan, const T* H, const T* W, const int64_t* tgt, int6
 #if defined(__x86_64__)
   if constexpr (std::is_same_v<T, float>) {
     if (plan.engine == Engine::kAvx512) {
-      task_avx512(H, W, tgt, rows, d, V, plan.vocab_block, want_dh, lse, row_nll, dh);
+      task_avx512<F32>(H, W, W, tgt, rows, d, V, plan.vocab_block, want_dh, lse, row_nll, dh);
       return;
     }
   }
@@ -633,7 +802,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lm_head_nll_cpu(const at::Tensor&
   at::Tensor lse = at::empty({M}, opts);
   at::Tensor row_nll = at::empty({M}, opts);
   at::Tensor dh = compute_grad ? at::empty({B, N, d}, opts) : at::empty({0}, opts);
-  if (M > 0 && !lm_head_amx(hidden, weight, targets, compute_grad, lse, row_nll, dh)) {
+  if (M > 0 && !lm_head_bf16(hidden, weight, targets, compute_grad, lse, row_nll, dh)) {
     const at::Tensor H = hidden.to(ct).contiguous();
     const at::Tensor W = weight.to(ct).contiguous();
     const at::Tensor tgt = targets.contiguous();

@@ -47,23 +47,28 @@ def lower_isa_levels() -> list:
     return ISA_LEVELS[: ISA_LEVELS.index(host)]
 
 
-def run_at_isa(level: str, code: str, inputs_path, outputs_path):
+def run_in_child(code: str, inputs_path, outputs_path, env: dict):
     """Run `code` (which torch.saves (capability, results) to argv[2] from the inputs in argv[1]) in a fresh
-    interpreter with ATEN_CPU_CAPABILITY=level, so the C++ kernels pick that level's copy; returns results."""
+    interpreter with `env` added to the environment (settings the C++ kernels read once per process);
+    returns (capability, results)."""
     import os
     import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": level.lower()}
     run = subprocess.run(
         [sys.executable, "-c", code, str(inputs_path), str(outputs_path)],
         cwd=root,
-        env=env,
+        env={**os.environ, **env},
         capture_output=True,
         text=True,
     )
     assert run.returncode == 0, run.stderr
-    capability, results = torch.load(outputs_path)
+    return torch.load(outputs_path)
+
+
+def run_at_isa(level: str, code: str, inputs_path, outputs_path):
+    """run_in_child with ATEN_CPU_CAPABILITY=level, so the C++ kernels pick that level's copy; returns results."""
+    capability, results = run_in_child(code, inputs_path, outputs_path, {"ATEN_CPU_CAPABILITY": level.lower()})
     assert capability == level
     return results

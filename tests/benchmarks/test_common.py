@@ -40,6 +40,10 @@ def test_write_result_to_a_path_or_the_results_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
     out = common.write_result(result, "micro")
     assert out == tmp_path / f"micro_some-cpu---2-0ghz_{dt.date.today()}.json" and json.loads(out.read_text()) == result
+    second = common.write_result({**result, "value": 2.5}, "micro")  # a second run that day keeps the first
+    assert second == tmp_path / f"micro_some-cpu---2-0ghz_{dt.date.today()}_2.json"
+    assert json.loads(out.read_text())["value"] == 1.5 and json.loads(second.read_text())["value"] == 2.5
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
 
 
 def test_shared_names():

@@ -46,7 +46,9 @@ def test_writes_the_result_file(bench, tmp_path):
     assert {"commit", "date", "device", "backends", "peak_tflops", "runs"} <= set(on_disk)
     assert on_disk["device"]["torch"] and on_disk["device"]["name"]
     device = on_disk["device"]
-    assert {"cpu", "cpu_isa", "bf16_dot", "threads", "blas", "onednn", "aten_cpu_capability"} <= set(device)
+    assert {"cpu", "cpu_isa", "bf16_dot", "threads", "blas", "onednn", "aten_cpu_capability", "cpu_bf16_engine"} <= set(
+        device
+    )
     assert on_disk["peak_tflops"]["measured_matmul"] > 0
     assert on_disk["matmul_tflops"]["best"] == max(v for k, v in on_disk["matmul_tflops"].items() if k != "best")
     (run,) = on_disk["runs"]

@@ -1,11 +1,14 @@
 """ltm::lm_head_nll (C++ CPU kernel, csrc/lm_head.cpp) against the eager float64 reference
 `reference.lm_head_nll_ref`, through the public function and autograd: nll, d/dhidden and d/dweight."""
 
+import platform
+
 import pytest
 import torch
+from common import cpu_info
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import lower_isa_levels, run_at_isa
+from helpers import lower_isa_levels, run_at_isa, run_in_child
 from ltm_kernels import extension_status, lm_head_nll_cpp
 from ltm_kernels.reference import lm_head_nll_ref
 
@@ -218,12 +221,9 @@ def test_every_engine(tmp_path):
             )
 
 
-def test_bf16_engines_agree(tmp_path):
-    """bfloat16 on an AMX CPU runs the AMX engine; below AVX-512 (ATEN_CPU_CAPABILITY lowered) it is converted
-    to float32. Both stay within the 2x rule of the float64 reference, checked on each engine this CPU runs."""
-    with open("/proc/cpuinfo") as f:
-        if "amx_bf16" not in f.read():
-            pytest.skip("no AMX on this CPU (no amx_bf16 flag): bfloat16 is converted to float32 here")
+def test_bf16_lowered_isa_within_twice_eager_error(tmp_path):
+    """bfloat16 below AVX-512 (ATEN_CPU_CAPABILITY lowered) is converted to float32 and runs the lower levels'
+    float engines: within the 2x rule of the float64 reference on each level this CPU can lower to."""
     levels = lower_isa_levels()
     hidden, weight, targets = make_inputs(3, 45, 64, 613, seed=5, ignore=[(1, 3)])
     bf = torch.bfloat16
@@ -231,10 +231,77 @@ def test_bf16_engines_agree(tmp_path):
     ones = torch.ones(3, dtype=F64)
     exact = run(lm_head_nll_ref, hidden, weight, targets, F64, ones)
     eager = run(lm_head_nll_ref, hidden, weight, targets, bf, ones)
-    host = run(lm_head_nll_cpp, hidden, weight, targets, bf, ones)
-    for level, got in [("host", host)] + [
-        (lv, run_at_isa(lv, _RUN_ON_SAVED_INPUTS, tmp_path / "in.pt", tmp_path / "out.pt")) for lv in levels
-    ]:
+    for level in levels:
+        got = run_at_isa(level, _RUN_ON_SAVED_INPUTS, tmp_path / "in.pt", tmp_path / "out.pt")
         for name, f, e, x in zip(("nll", "grad_hidden", "grad_weight"), got, eager, exact):
             err_fused, err_eager = (f.double() - x).abs().max().item(), (e - x).abs().max().item()
             assert err_fused <= 2 * err_eager, f"{level}: {name}: error {err_fused:.3g} > 2 x eager {err_eager:.3g}"
+
+
+# Cases for each bfloat16 engine: rows not a multiple of 32, V odd and not a multiple of the blocks, several
+# blocks and tasks, d a multiple of 32 (AMX applies) and not (d 40, 34: only vdpbf16ps and float apply).
+BF16_ENGINE_CASES = [
+    (2, 37, 32, 301, [(1, 36)]),
+    (3, 50, 256, 5003, [(2, 7)]),
+    (2, 70, 40, 333, [(1, 5)]),
+    (1, 7, 34, 33, []),
+]
+BF16_ENGINE_FLAG = {"amx": "amx_bf16", "dot": "avx512_bf16"}  # the /proc/cpuinfo flag each engine needs
+
+_RUN_OP_ON_SAVED_CASES = """
+import sys, torch
+import ltm_kernels
+out = []
+for hidden, weight, targets in torch.load(sys.argv[1]):
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    nll = ltm_kernels.lm_head_nll_cpp(h, w, targets)
+    gh, gw = torch.autograd.grad(nll.sum(), (h, w))
+    out.append(([nll, gh, gw], torch.ops.ltm.lm_head_nll(hidden, weight, targets, True)[2]))
+torch.save((torch.backends.cpu.get_cpu_capability(), out), sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("engine", ["amx", "dot"])
+def test_bf16_engine_within_twice_eager_error(engine, tmp_path):
+    """Each bfloat16 engine, chosen with LTM_CPU_BF16_ENGINE (amx: the tile unit; dot: vdpbf16ps, which `auto`
+    takes only where it is faster than fp32 FMA), meets the 2x rule against float64 for nll and both
+    gradients, and is a different computation from the float conversion (its fp32 dh differs: P is rounded
+    to bf16), so the test sees the engine ran."""
+    flag = BF16_ENGINE_FLAG[engine]
+    if flag not in cpu_info()["cpu_isa"]:
+        pytest.skip(f"this CPU lacks {flag}: the {engine} engine cannot run here")
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("ATen's capability is below AVX512: the bf16 engines are off")
+    bf = torch.bfloat16
+    cases = [make_inputs(*shape, seed=7, ignore=ignore) for *shape, ignore in BF16_ENGINE_CASES]
+    torch.save([(h.to(bf), w.to(bf), t) for h, w, t in cases], tmp_path / "in.pt")
+    results = {}
+    for name in (engine, "float"):
+        env = {"LTM_CPU_BF16_ENGINE": name}
+        results[name] = run_in_child(_RUN_OP_ON_SAVED_CASES, tmp_path / "in.pt", tmp_path / "out.pt", env)[1]
+    for (B, _, d, _, _), (hidden, weight, targets), (got, dh), (_, dh_float) in zip(
+        BF16_ENGINE_CASES, cases, results[engine], results["float"]
+    ):
+        ones = torch.ones(B, dtype=F64)
+        exact = run(lm_head_nll_ref, hidden, weight, targets, F64, ones)
+        eager = run(lm_head_nll_ref, hidden, weight, targets, bf, ones)
+        for name, f, e, x in zip(("nll", "grad_hidden", "grad_weight"), got, eager, exact):
+            err_fused, err_eager = (f.double() - x).abs().max().item(), (e - x).abs().max().item()
+            assert err_fused <= 2 * err_eager, f"d {d}: {name}: error {err_fused:.3g} > 2 x eager {err_eager:.3g}"
+        ran = not torch.equal(dh, dh_float)
+        assert ran == (engine == "dot" or d % 32 == 0), f"d {d}: the {engine} engine ran: {ran}"
+
+
+_BAD_ENGINE_CALL = """
+import sys, torch
+import ltm_kernels
+hidden, weight, targets = torch.ones(1, 2, 4).bfloat16(), torch.ones(3, 4).bfloat16(), torch.zeros(1, 2).long()
+ltm_kernels.lm_head_nll_cpp(hidden, weight, targets)
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the bf16 engines are x86 only")
+def test_bf16_engine_setting_is_checked(tmp_path):
+    env = {"LTM_CPU_BF16_ENGINE": "fastest"}
+    with pytest.raises(AssertionError, match="LTM_CPU_BF16_ENGINE must be auto, amx, dot or float, got 'fastest'"):
+        run_in_child(_BAD_ENGINE_CALL, tmp_path / "in.pt", tmp_path / "out.pt", env)
