@@ -634,8 +634,10 @@ Bf16Engine bf16_engine(int64_t d) {
   if ((wanted == "auto" || wanted == "amx") && d % 32 == 0 && amx_usable()) {
     return Bf16Engine::kAmx;
   }
-  const bool dot = wanted == "dot" || (wanted == "auto" && bf16_dot_fast());
-  return dot && d % 2 == 0 && bf16_dot_usable() ? Bf16Engine::kDot : Bf16Engine::kFloat;
+  if (d % 2 != 0 || !bf16_dot_usable()) {  // checked before bf16_dot_fast, which runs vdpbf16ps
+    return Bf16Engine::kFloat;
+  }
+  return wanted == "dot" || (wanted == "auto" && bf16_dot_fast()) ? Bf16Engine::kDot : Bf16Engine::kFloat;
 }
 
 // bfloat16 on the AMX engine or the avx512 engine's Bf16Pairs kind (vdpbf16ps), both with fp32 accumulation;
