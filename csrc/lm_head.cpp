@@ -41,15 +41,18 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
+#if defined(__unix__)
+#include <unistd.h>
+#endif
 #if defined(__x86_64__) && defined(__linux__)
 #include <sys/syscall.h>
-#include <unistd.h>
 #endif
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -57,6 +60,7 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
 namespace ltm {
 namespace {
@@ -94,10 +98,6 @@ struct Plan {
   int64_t vocab_block;    // weight rows per block: a block's logits (rows_per_task x vocab_block) stay in L2
 };
 
-// Block sizes measured on a 2-core AMD EPYC (Zen 5, 1 MB L2 per core) and a 2-core Intel Xeon (AVX-512,
-// 2 MB L2), d = 256, V = 50258, 2048 rows (benchmarks/NOTES.md, "LM head"): 96 rows x 252 vocabulary rows keeps
-// H^T, a^T, the logit block and the weight block (~550 KB) in L2 on both; fewer rows per task re-stream W
-// more often, more leave too few tasks for two threads. Small problems shrink the task so every thread works.
 // Rows per task: `widest` (a multiple of 32), shrunk in steps of 32 until every thread gets two tasks.
 inline int64_t task_rows(int64_t rows, int64_t widest) {
   const int64_t threads = at::get_num_threads();
@@ -118,15 +118,44 @@ void for_each_task(int64_t M, int64_t per_task, const F& run) {
   });
 }
 
+// The per-core L2 in bytes (sysconf, else sysfs; 1 MB if neither says).
+inline int64_t l2_bytes() {
+  static const int64_t bytes = [] {
+    long n = 0;
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    n = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    if (n <= 0) {
+      if (FILE* f = std::fopen("/sys/devices/system/cpu/cpu0/cache/index2/size", "r")) {
+        long kb = 0;
+        if (std::fscanf(f, "%ldK", &kb) == 1) {
+          n = kb * 1024;
+        }
+        std::fclose(f);
+      }
+    }
+    return n > 0 ? static_cast<int64_t>(n) : int64_t{1} << 20;
+  }();
+  return bytes;
+}
+
+// avx512: a task's H^T, a^T, the block's logits (rows x vocab_block each) and the weight block stay in ~60% of
+// L2. Measured at d = 256, V = 50258, 2048 rows (benchmarks/NOTES.md, "The CPU inner loop"): 252 vocabulary rows
+// (a multiple of the 12-row tile, ~256 KB of weight), and as many rows as fit: 96 on a 1 MB L2 (AMD EPYC Zen 5),
+// 256 on a 2 MB L2 (Intel Xeon), where fewer rows per task re-stream W from L3 more often (one pass per task).
+// More than 256 leaves too few tasks for two threads. Small problems shrink the task so every thread works.
 template <typename T>
 Plan choose_plan(int64_t rows, int64_t d) {
   const bool avx512 = std::is_same_v<T, float> && cpu_isa() == Isa::kAvx512;
-  const int64_t per_task = task_rows(rows, avx512 ? 96 : 64);
-  // d = 256 gives 252 rows (a multiple of the 12-row tile); for larger d, keep the weight block near 256 KB.
+  // For larger d, keep the weight block near 256 KB.
   const int64_t target_rows = (64 * 1024) / std::max<int64_t>(d, 1);
-  const int64_t vocab_block =
-      avx512 ? std::clamp<int64_t>(target_rows / 12 * 12, 12, 252) : std::clamp<int64_t>(target_rows, 16, 256);
-  return {avx512 ? Engine::kAvx512 : Engine::kBlas, per_task, vocab_block};
+  if (!avx512) {
+    return {Engine::kBlas, task_rows(rows, 64), std::clamp<int64_t>(target_rows, 16, 256)};
+  }
+  const int64_t vocab_block = std::clamp<int64_t>(target_rows / 12 * 12, 12, 252);
+  const int64_t room = l2_bytes() * 6 / 10 - vocab_block * d * 4;
+  const int64_t fit = room / (4 * (2 * d + vocab_block)) / 32 * 32;
+  return {Engine::kAvx512, task_rows(rows, std::clamp<int64_t>(fit, 32, 256)), vocab_block};
 }
 
 // The end of a task, shared by the engines: lse = m + log s, nll = lse - l_target, and dh = a / s - W_target
@@ -232,72 +261,132 @@ struct Bf16Pairs {
   }
 };
 
-// C[i][0:32] (+)= sum_k A(i, k) B[k][0:32] for i < MR, with A(i, k) = a[i * a_i + k * a_k] (k counts elements
-// of the kind: pairs for Bf16Pairs). `col_scale` null: C = acc; else C = C * col_scale + acc (the online
-// softmax's rescale of a^T, fused into the store).
-template <int MR, typename E>
-LTM_AVX512 inline void tile(int64_t K, const typename E::Elem* a, int64_t a_i, int64_t a_k, const typename E::Elem* b,
-                            int64_t ldb, float* c, int64_t ldc, const float* col_scale) {
+// The task's row-indexed operands are panel-major: panel p holds the task's rows [32p, 32p + 32) as a
+// (K x 32) row-major block, so that a tile's B rows and C rows are contiguous 128-byte lines. A row-major
+// (K x rp) layout puts them rp * 4 bytes apart, which for rp = 128 or 256 maps every row of a B panel onto a
+// few L1 sets and evicts it while the tiles walk down A.
+constexpr int64_t kPanel = 32;
+
+// Where a GEMM's A operand (m x K) keeps element (i, k), with i = kTileRows t + r (row r of tile t):
+//   a + t * tile + r * row + (k / chunk) * chunk_step + (k % chunk) * col.
+// chunk >= K is one chunk (chunk_step unused); the tile-packed weight's dh GEMM reads it in chunks of 12.
+template <typename Elem>
+struct OperandA {
+  const Elem* a;
+  int64_t tile, row, col, chunk, chunk_step;
+};
+
+// Weight rows in place (row-major, `ld` elements per row) as the A of a GEMM over k < ld.
+template <typename Elem>
+OperandA<Elem> rows_operand(const Elem* a, int64_t ld) {
+  return {a, kTileRows * ld, ld, 1, std::numeric_limits<int64_t>::max(), 0};
+}
+
+// C[r][0:32] (+)= sum_k A(r, k) B[k][0:32] for r < MR, over tile t of `A`, B and C with row stride kPanel (k counts
+// elements of the kind: pairs for Bf16Pairs). `col_scale` null: C = acc; else C = C * col_scale + acc (the online
+// softmax's rescale of a^T, fused into the store). `prefetch` non-null (one-chunk A only): the next tile's lines,
+// fetched one 64-byte line per row (per 16 elements of a packed tile) and 16 k ahead of their use.
+// kRow, kCol, kChunk > 0 fix A's strides at compile time (the tile-packed weight's layouts), so that every
+// broadcast of a chunk is one pointer plus a constant: with runtime strides the 12 row addresses spill registers.
+template <int MR, typename E, int kRow, int kCol, int kChunk>
+LTM_AVX512 inline void tile(int64_t K, const OperandA<typename E::Elem>& A, int64_t t, const typename E::Elem* b,
+                            float* c, const float* col_scale, const typename E::Elem* prefetch) {
+  using Elem = typename E::Elem;
+  constexpr int64_t kLine = 64 / sizeof(Elem);
+  const int64_t row = kRow > 0 ? kRow : A.row, col = kCol > 0 ? kCol : A.col, chunk = kChunk > 0 ? kChunk : A.chunk;
+  const Elem* at = A.a + t * A.tile;
+  const int64_t pf_row = row == 1 ? kLine : row;  // a packed tile's lines are consecutive
   __m512 acc0[MR], acc1[MR];
 #pragma GCC unroll 12
   for (int i = 0; i < MR; ++i) {
     acc0[i] = _mm512_setzero_ps();
     acc1[i] = _mm512_setzero_ps();
   }
-  for (int64_t k = 0; k < K; ++k) {
-    const __m512 b0 = E::load(b + k * ldb);
-    const __m512 b1 = E::load(b + k * ldb + 16);
-    const typename E::Elem* ak = a + k * a_k;
+  for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+    const Elem* ac = at + k0 / chunk * A.chunk_step;
+    const Elem* bc = b + k0 * kPanel;
+    const int64_t kn = std::min(chunk, K - k0);
+    for (int64_t k = 0; k < kn; ++k) {
+      if (prefetch != nullptr && k % kLine == 0) {
 #pragma GCC unroll 12
-    for (int i = 0; i < MR; ++i) {
-      const __m512 x = E::bcast(ak[i * a_i]);
-      acc0[i] = E::madd(acc0[i], x, b0);
-      acc1[i] = E::madd(acc1[i], x, b1);
+        for (int i = 0; i < MR; ++i) {
+          _mm_prefetch(reinterpret_cast<const char*>(prefetch + i * pf_row + k * col), _MM_HINT_T0);
+        }
+      }
+      const __m512 b0 = E::load(bc + k * kPanel);
+      const __m512 b1 = E::load(bc + k * kPanel + 16);
+      const Elem* ak = ac + k * col;
+#pragma GCC unroll 12
+      for (int i = 0; i < MR; ++i) {
+        const __m512 x = E::bcast(ak[i * row]);
+        acc0[i] = E::madd(acc0[i], x, b0);
+        acc1[i] = E::madd(acc1[i], x, b1);
+      }
     }
   }
   if (col_scale == nullptr) {
 #pragma GCC unroll 12
     for (int i = 0; i < MR; ++i) {
-      _mm512_storeu_ps(c + i * ldc, acc0[i]);
-      _mm512_storeu_ps(c + i * ldc + 16, acc1[i]);
+      _mm512_storeu_ps(c + i * kPanel, acc0[i]);
+      _mm512_storeu_ps(c + i * kPanel + 16, acc1[i]);
     }
   } else {
     const __m512 s0 = _mm512_loadu_ps(col_scale), s1 = _mm512_loadu_ps(col_scale + 16);
 #pragma GCC unroll 12
     for (int i = 0; i < MR; ++i) {
-      _mm512_storeu_ps(c + i * ldc, _mm512_fmadd_ps(_mm512_loadu_ps(c + i * ldc), s0, acc0[i]));
-      _mm512_storeu_ps(c + i * ldc + 16, _mm512_fmadd_ps(_mm512_loadu_ps(c + i * ldc + 16), s1, acc1[i]));
+      _mm512_storeu_ps(c + i * kPanel, _mm512_fmadd_ps(_mm512_loadu_ps(c + i * kPanel), s0, acc0[i]));
+      _mm512_storeu_ps(c + i * kPanel + 16, _mm512_fmadd_ps(_mm512_loadu_ps(c + i * kPanel + 16), s1, acc1[i]));
     }
   }
 }
 
-template <int MR, typename E>
-LTM_AVX512 void tile_rows(int64_t K, const typename E::Elem* a, int64_t a_i, int64_t a_k, const typename E::Elem* b,
-                          int64_t ldb, float* c, int64_t ldc, const float* col_scale, int mr) {
+template <int MR, typename E, int kRow, int kCol, int kChunk>
+LTM_AVX512 void tile_rows(int64_t K, const OperandA<typename E::Elem>& A, int64_t t, const typename E::Elem* b,
+                          float* c, const float* col_scale, int mr) {
   if constexpr (MR > 0) {
     if (mr == MR) {
-      tile<MR, E>(K, a, a_i, a_k, b, ldb, c, ldc, col_scale);
+      tile<MR, E, kRow, kCol, kChunk>(K, A, t, b, c, col_scale, nullptr);
     } else {
-      tile_rows<MR - 1, E>(K, a, a_i, a_k, b, ldb, c, ldc, col_scale, mr);
+      tile_rows<MR - 1, E, kRow, kCol, kChunk>(K, A, t, b, c, col_scale, mr);
     }
   }
 }
 
-// C (m x n fp32, n a multiple of 32) (+)= A (m x K, element (i, k) at a[i * a_i + k * a_k]) B (K x n, row-major).
-// The 32-column panel of B (K x 32) stays in L1 while the tiles walk down A.
-template <typename E>
-LTM_AVX512 void gemm_panels(int64_t m, int64_t n, int64_t K, const typename E::Elem* a, int64_t a_i, int64_t a_k,
-                            const typename E::Elem* b, int64_t ldb, float* c, int64_t ldc, const float* col_scale) {
-  for (int64_t j = 0; j < n; j += 32) {
+template <typename E, int kRow, int kCol, int kChunk>
+LTM_AVX512 void gemm_panels_fixed(int64_t m, int64_t n, int64_t K, const OperandA<typename E::Elem>& A,
+                                  const typename E::Elem* b, int64_t b_panel, float* c, int64_t c_panel,
+                                  const float* col_scale, int64_t tiles_after) {
+  const int64_t full = m / kTileRows;
+  for (int64_t j = 0; j < n; j += kPanel) {
+    const typename E::Elem* bp = b + j / kPanel * b_panel;
+    float* cp = c + j / kPanel * c_panel;
     const float* cs = col_scale == nullptr ? nullptr : col_scale + j;
-    int64_t i = 0;
-    for (; i + kTileRows <= m; i += kTileRows) {
-      tile<kTileRows, E>(K, a + i * a_i, a_i, a_k, b + j, ldb, c + i * ldc + j, ldc, cs);
+    for (int64_t t = 0; t < full; ++t) {
+      const bool ahead = j == 0 && t + 1 < full + tiles_after;
+      tile<kTileRows, E, kRow, kCol, kChunk>(K, A, t, bp, cp + t * kTileRows * kPanel, cs,
+                                             ahead ? A.a + (t + 1) * A.tile : nullptr);
     }
-    if (i < m) {
-      tile_rows<kTileRows - 1, E>(K, a + i * a_i, a_i, a_k, b + j, ldb, c + i * ldc + j, ldc, cs,
-                                  static_cast<int>(m - i));
+    if (full * kTileRows < m) {
+      tile_rows<kTileRows - 1, E, kRow, kCol, kChunk>(K, A, full, bp, cp + full * kTileRows * kPanel, cs,
+                                                      static_cast<int>(m - full * kTileRows));
     }
+  }
+}
+
+// C (m x n fp32) (+)= A (m x K) B (K x n), n a multiple of kPanel, B and C panel-major: panel p of B at b + p *
+// b_panel, of C at c + p * c_panel. The B panel (K x 32) stays in L1 while the tiles walk down A. `tiles_after`
+// (one-chunk A only): how many tiles of A past this GEMM's are readable. The first panel's tiles prefetch the
+// next tile, so that A, streamed from L3 in that panel (the weight block), is in L1 by its turn.
+template <typename E>
+LTM_AVX512 void gemm_panels(int64_t m, int64_t n, int64_t K, const OperandA<typename E::Elem>& A,
+                            const typename E::Elem* b, int64_t b_panel, float* c, int64_t c_panel,
+                            const float* col_scale, int64_t tiles_after) {
+  if (A.row == 1 && A.col == kTileRows && A.chunk >= K) {  // the packed weight in the logits GEMM
+    gemm_panels_fixed<E, 1, kTileRows, 0>(m, n, K, A, b, b_panel, c, c_panel, col_scale, tiles_after);
+  } else if (A.row == kTileRows && A.col == 1 && A.chunk == kTileRows) {  // ... and in the dh GEMM
+    gemm_panels_fixed<E, kTileRows, 1, kTileRows>(m, n, K, A, b, b_panel, c, c_panel, col_scale, 0);
+  } else {
+    gemm_panels_fixed<E, 0, 0, 0>(m, n, K, A, b, b_panel, c, c_panel, col_scale, tiles_after);
   }
 }
 
@@ -327,24 +416,32 @@ LTM_AVX512 inline __m512 exp_softmax16(__m512 x) {
   return _mm512_mask_blend_ps(tiny, e, _mm512_setzero_ps());
 }
 
-// P^T of one block (jb x rp fp32, in place in lt) as the B operand of the dh GEMM: for F32 lt itself; for
-// Bf16Pairs rounded to bf16 and paired along the vocabulary, out[q][t] = (P^T[2q][t], P^T[2q + 1][t]), the row
-// past an odd jb zero.
-LTM_AVX512 inline const float* probabilities(F32, const float* lt, int64_t, int64_t) { return lt; }
+// P^T of one block (panel-major, panels of vb x 32 fp32, in place in lt) as the B operand of the dh GEMM, with
+// its panel stride: for F32 lt itself; for Bf16Pairs rounded to bf16 and paired along the vocabulary, panels of
+// (vb / 2) x 32 with out[q][t] = (P^T[2q][t], P^T[2q + 1][t]), the row past an odd jb zero.
+LTM_AVX512 inline std::pair<const float*, int64_t> probabilities(F32, const float* lt, int64_t, int64_t vb, int64_t) {
+  return {lt, vb * kPanel};
+}
 
-LTM_AVX512 inline const uint32_t* probabilities(Bf16Pairs, const float* lt, int64_t rp, int64_t jb) {
-  uint32_t* out = scratch<uint32_t, 13>((jb + 1) / 2 * rp);
-  for (int64_t q = 0; q < (jb + 1) / 2; ++q) {
-    const float* lo = lt + 2 * q * rp;
-    const bool odd_end = 2 * q + 1 == jb;
-    for (int64_t t = 0; t < rp; t += 16) {
-      const __m512i a = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(lo + t)));
-      const __m512i b = odd_end ? _mm512_setzero_si512()
-                                : _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(lo + rp + t)));
-      _mm512_storeu_si512(out + q * rp + t, _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
+LTM_AVX512 inline std::pair<const uint32_t*, int64_t> probabilities(Bf16Pairs, const float* lt, int64_t rp, int64_t vb,
+                                                                    int64_t jb) {
+  const int64_t panel = vb / 2 * kPanel;
+  uint32_t* out = scratch<uint32_t, 13>(rp / kPanel * panel);
+  for (int64_t p = 0; p < rp / kPanel; ++p) {
+    const float* lp = lt + p * vb * kPanel;
+    for (int64_t q = 0; q < (jb + 1) / 2; ++q) {
+      const float* lo = lp + 2 * q * kPanel;
+      const bool odd_end = 2 * q + 1 == jb;
+      for (int64_t t = 0; t < kPanel; t += 16) {
+        const __m512i a = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(lo + t)));
+        const __m512i b = odd_end
+                              ? _mm512_setzero_si512()
+                              : _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(lo + kPanel + t)));
+        _mm512_storeu_si512(out + p * panel + q * kPanel + t, _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
+      }
     }
   }
-  return out;
+  return {out, panel};
 }
 
 inline float weight_value(F32, const float* w, int64_t i) { return w[i]; }
@@ -353,27 +450,31 @@ inline float weight_value(Bf16Pairs, const uint32_t* w, int64_t i) {
 }
 
 // One task: rows [r0, r0 + rows) of the flattened (M, d) hidden, given as `rows` rows of d / kPack elements.
-// w_rows: the weight's V rows (A of the logits GEMM); w_pairs: A of the dh GEMM, element (k, c) at
-// w_pairs[c * d + k] with c counting kPack vocabulary rows (F32: the weight again; Bf16Pairs: vocab_pairs).
+// logits_w: the weight as the A of l^T = W H^T (V x d / kPack); dh_w: as the A of a^T += W^T P^T (d x V / kPack,
+// element (k, c) with c counting kPack vocabulary rows); F32 reads both from the tile-packed weight, Bf16Pairs
+// the weight's rows and vocab_pairs. w_rows: the weight's rows, for the targets' rows in dh. Blocks start at
+// multiples of vb, itself a multiple of kTileRows, so a block's operands start at a whole tile.
 // Writes lse and the row NLL, and dh when wanted.
 template <typename E>
-LTM_AVX512 void task_avx512(const typename E::Elem* H, const typename E::Elem* w_rows, const typename E::Elem* w_pairs,
-                            const int64_t* tgt, int64_t rows, int64_t d, int64_t V, int64_t vb, bool want_dh,
-                            float* lse, float* row_nll, float* dh) {
+LTM_AVX512 void task_avx512(const typename E::Elem* H, const OperandA<typename E::Elem>& logits_w,
+                            const OperandA<typename E::Elem>& dh_w, const typename E::Elem* w_rows, const int64_t* tgt,
+                            int64_t rows, int64_t d, int64_t V, int64_t vb, bool want_dh, float* lse, float* row_nll,
+                            float* dh) {
   using Elem = typename E::Elem;
   const int64_t dk = d / E::kPack;                      // elements per row
   const int64_t rp = (rows + 31) / 32 * 32;             // padded rows: the tile is 32 wide; pad rows hold zeros
-  Elem* ht = scratch<Elem, 0>(dk * rp);                 // H^T (dk x rp)
-  float* lt = scratch<float, 1>(vb * rp);               // l^T then P^T of one vocabulary block (vb x rp)
-  float* at = scratch<float, 2>(want_dh ? d * rp : 1);  // a^T (d x rp)
+  Elem* ht = scratch<Elem, 0>(dk * rp);                 // H^T, panels of dk x 32
+  float* lt = scratch<float, 1>(vb * rp);               // l^T then P^T of one vocabulary block, panels of vb x 32
+  float* at = scratch<float, 2>(want_dh ? d * rp : 1);  // a^T, panels of d x 32
   float* stat = scratch<float, 3>(4 * rp);              // m, s, rescale, target logit
   float *m = stat, *s = stat + rp, *scale = stat + 2 * rp, *tl = stat + 3 * rp;
-  for (int64_t k = 0; k < dk; ++k) {
-    Elem* row = ht + k * rp;
-    for (int64_t t = 0; t < rows; ++t) {
-      row[t] = H[t * dk + k];
+  // Row t of the task in panel-major layouts: panel t / 32, lane t % 32.
+  auto at_row = [](int64_t t, int64_t panel_rows) { return t / kPanel * panel_rows * kPanel + t % kPanel; };
+  for (int64_t t = 0; t < rp; ++t) {
+    Elem* col = ht + at_row(t, dk);
+    for (int64_t k = 0; k < dk; ++k) {
+      col[k * kPanel] = t < rows ? H[t * dk + k] : Elem(0);
     }
-    std::fill(row + rows, row + rp, Elem(0));
   }
   std::fill(m, m + rp, -std::numeric_limits<float>::infinity());
   std::fill(s, s + rp, 0.0f);
@@ -383,37 +484,43 @@ LTM_AVX512 void task_avx512(const typename E::Elem* H, const typename E::Elem* w
   }
   for (int64_t j0 = 0; j0 < V; j0 += vb) {  // vb is even, so j0 / kPack is whole
     const int64_t jb = std::min(vb, V - j0);
-    gemm_panels<E>(jb, rp, dk, w_rows + j0 * dk, dk, 1, ht, rp, lt, rp, nullptr);  // l^T = W_j H^T
+    OperandA<Elem> wl = logits_w, wd = dh_w;
+    wl.a += j0 * dk;
+    wd.a += j0 / E::kPack * d;
+    gemm_panels<E>(jb, rp, dk, wl, ht, dk * kPanel, lt, vb * kPanel, nullptr,
+                   (V - j0 - jb) / kTileRows);  // l^T = W_j H^T
     for (int64_t t = 0; t < rows; ++t) {
       const int64_t c = tgt[t] - j0;
       if (c >= 0 && c < jb) {
-        tl[t] = lt[c * rp + t];
+        tl[t] = lt[at_row(t, vb) + c * kPanel];
       }
     }
     for (int64_t t = 0; t < rp; t += 16) {
+      float* col = lt + at_row(t, vb);  // 16 rows of the block's logits, column c at col + c * kPanel
       const __m512 m_old = _mm512_loadu_ps(m + t);
       __m512 mx = m_old;
       for (int64_t c = 0; c < jb; ++c) {
-        mx = _mm512_max_ps(mx, _mm512_loadu_ps(lt + c * rp + t));
+        mx = _mm512_max_ps(mx, _mm512_loadu_ps(col + c * kPanel));
       }
       const __m512 sc = exp_softmax16(_mm512_sub_ps(m_old, mx));  // m_old = -inf at the first block: 0
       __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(s + t), sc);
       for (int64_t c = 0; c < jb; ++c) {
-        const __m512 p = exp_softmax16(_mm512_sub_ps(_mm512_loadu_ps(lt + c * rp + t), mx));
+        const __m512 p = exp_softmax16(_mm512_sub_ps(_mm512_loadu_ps(col + c * kPanel), mx));
         sum = _mm512_add_ps(sum, p);
-        _mm512_storeu_ps(lt + c * rp + t, p);
+        _mm512_storeu_ps(col + c * kPanel, p);
       }
       _mm512_storeu_ps(m + t, mx);
       _mm512_storeu_ps(s + t, sum);
       _mm512_storeu_ps(scale + t, sc);
     }
     if (want_dh) {  // a^T = a^T * scale + W_j^T P^T
-      const Elem* pt = probabilities(E{}, lt, rp, jb);
-      gemm_panels<E>(d, rp, (jb + E::kPack - 1) / E::kPack, w_pairs + j0 / E::kPack * d, 1, d, pt, rp, at, rp, scale);
+      const auto [pt, pt_panel] = probabilities(E{}, lt, rp, vb, jb);
+      gemm_panels<E>(d, rp, (jb + E::kPack - 1) / E::kPack, wd, pt, pt_panel, at, d * kPanel, scale, 0);
     }
   }
   finish_rows(
-      rows, d, m, s, tl, tgt, want_dh, lse, row_nll, dh, [&](int64_t t, int64_t k) { return at[k * rp + t]; },
+      rows, d, m, s, tl, tgt, want_dh, lse, row_nll, dh,
+      [&](int64_t t, int64_t k) { return at[at_row(t, d) + k * kPanel]; },
       [&](int64_t v, int64_t k) { return weight_value(E{}, w_rows, v * d + k); });
 }
 // The padding of the packed weight layouts: a whole number of AMX blocks (kAmxVocab).
@@ -431,6 +538,32 @@ void pack_vocab_pairs(const uint16_t* W, int64_t V, int64_t d, int64_t padded, u
       }
     }
   });
+}
+
+// The float weight packed by tiles of kTileRows rows, k-major inside a tile: out[t][k][r] = W[12 t + r][k], zero
+// past V. The logits GEMM then broadcasts from one sequential stream instead of 12 rows d apart (for d = 256 those
+// share 4 L1 sets with the B panel and evict it: ~10% of the forward, benchmarks/NOTES.md), and the dh GEMM reads
+// 12 vocabulary rows of 12 d-values per chunk.
+void pack_tiles(const float* W, int64_t V, int64_t d, float* out) {
+  at::parallel_for(0, (V + kTileRows - 1) / kTileRows, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      float* o = out + t * kTileRows * d;
+      for (int64_t r = 0; r < kTileRows; ++r) {
+        const int64_t v = t * kTileRows + r;
+        for (int64_t k = 0; k < d; ++k) {
+          o[k * kTileRows + r] = v < V ? W[v * d + k] : 0.0f;
+        }
+      }
+    }
+  });
+}
+
+// The tile-packed weight (pack_tiles) as the A of the logits GEMM and of the dh GEMM.
+OperandA<float> packed_logits_operand(const float* packed, int64_t d) {
+  return {packed, kTileRows * d, 1, kTileRows, std::numeric_limits<int64_t>::max(), 0};
+}
+OperandA<float> packed_dh_operand(const float* packed, int64_t d) {
+  return {packed, kTileRows * kTileRows, kTileRows, 1, kTileRows, kTileRows * d};
 }
 
 #undef LTM_AVX512
@@ -678,9 +811,11 @@ bool lm_head_bf16(const at::Tensor& hidden, const at::Tensor& weight, const at::
     const Plan plan = choose_plan<float>(M, d);
     const auto* h2 = reinterpret_cast<const uint32_t*>(h);
     const auto* w2 = reinterpret_cast<const uint32_t*>(w);
+    // wv's element (i, q) at wv[q * d + i]: tiles of 12 consecutive i.
+    const OperandA<uint32_t> dh_operand{wv, kTileRows, 1, d, std::numeric_limits<int64_t>::max(), 0};
     for_each_task(M, plan.rows_per_task, [&](int64_t r0, int64_t rows) {
-      task_avx512<Bf16Pairs>(h2 + r0 * d / 2, w2, wv, t + r0, rows, d, V, plan.vocab_block, compute_grad, l + r0,
-                             nl + r0, g == nullptr ? nullptr : g + r0 * d);
+      task_avx512<Bf16Pairs>(h2 + r0 * d / 2, rows_operand(w2, d / 2), dh_operand, w2, t + r0, rows, d, V,
+                             plan.vocab_block, compute_grad, l + r0, nl + r0, g == nullptr ? nullptr : g + r0 * d);
     });
   }
   return true;
@@ -751,17 +886,35 @@ void task_blas(const T* H, const T* W, const int64_t* tgt, int64_t rows, int64_t
 }
 
 template <typename T>
-void run_task(const Plan& plan, const T* H, const T* W, const int64_t* tgt, int64_t rows, int64_t d, int64_t V,
-              bool want_dh, T* lse, T* row_nll, T* dh) {
+// packed: the tile-packed weight for the avx512 engine (pack_weight), else null.
+void run_task(const Plan& plan, const T* H, const T* W, const T* packed, const int64_t* tgt, int64_t rows, int64_t d,
+              int64_t V, bool want_dh, T* lse, T* row_nll, T* dh) {
 #if defined(__x86_64__)
   if constexpr (std::is_same_v<T, float>) {
     if (plan.engine == Engine::kAvx512) {
-      task_avx512<F32>(H, W, W, tgt, rows, d, V, plan.vocab_block, want_dh, lse, row_nll, dh);
+      task_avx512<F32>(H, packed_logits_operand(packed, d), packed_dh_operand(packed, d), W, tgt, rows, d, V,
+                       plan.vocab_block, want_dh, lse, row_nll, dh);
       return;
     }
   }
 #endif
   task_blas<T>(H, W, tgt, rows, d, V, plan.vocab_block, want_dh, lse, row_nll, dh);
+}
+
+// The avx512 engine's tile-packed copy of the weight, on the calling thread's grow-only buffer (the steps of an
+// inner loop reuse it; the workers only read it), packed once per call; null for the other engines.
+template <typename T>
+const T* pack_weight(const Plan& plan, const T* W, int64_t V, int64_t d) {
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (plan.engine == Engine::kAvx512) {
+      float* packed = scratch<float, 15>((V + kTileRows - 1) / kTileRows * kTileRows * d);
+      pack_tiles(W, V, d, packed);
+      return packed;
+    }
+  }
+#endif
+  return nullptr;
 }
 
 // ----------------------------------------------------------------------------------------------- checks
@@ -816,8 +969,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lm_head_nll_cpu(const at::Tensor&
       scalar_t* l = lse.data_ptr<scalar_t>();
       scalar_t* nl = row_nll.data_ptr<scalar_t>();
       scalar_t* g = compute_grad ? dh.data_ptr<scalar_t>() : nullptr;
+      const scalar_t* packed = pack_weight(plan, w, V, d);
       for_each_task(M, plan.rows_per_task, [&](int64_t r0, int64_t rows) {
-        run_task(plan, h + r0 * d, w, t + r0, rows, d, V, compute_grad, l + r0, nl + r0,
+        run_task(plan, h + r0 * d, w, packed, t + r0, rows, d, V, compute_grad, l + r0, nl + r0,
                  g == nullptr ? nullptr : g + r0 * d);
       });
     });

@@ -55,6 +55,7 @@ SHAPES = [  # (B, N, d, V, ignored rows)
     (3, 50, 256, 5003, [(2, 7)]),  # the model's d, several vocabulary blocks and tasks
     (1, 1, 16, 7, []),  # one row, V smaller than one tile
     (2, 70, 40, 333, [(1, n) for n in range(70)]),  # a sequence whose targets are all ignored: nll 0, no grad
+    (2, 300, 64, 700, [(0, 5), (1, 299)]),  # tasks of several 32-row panels (and a short last one) on 1-2 threads
 ]
 
 
@@ -245,6 +246,7 @@ BF16_ENGINE_CASES = [
     (3, 50, 256, 5003, [(2, 7)]),
     (2, 70, 40, 333, [(1, 5)]),
     (1, 7, 34, 33, []),
+    (2, 300, 64, 700, [(0, 5)]),
 ]
 BF16_ENGINE_FLAG = {"amx": "amx_bf16", "dot": "avx512_bf16"}  # the /proc/cpuinfo flag each engine needs
 
