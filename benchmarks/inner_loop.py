@@ -42,13 +42,11 @@ from pathlib import Path
 import torch
 from common import (
     DTYPES,
-    RESULTS_DIR,
     Unavailable,
     add_inner_loop_arguments,
     device_info,
     git_commit,
     max_rel_error,
-    slug,
     synchronize,
     write_result,
 )
@@ -688,19 +686,11 @@ def main(argv=None, wrong_variant=None) -> dict:
         "published_train_ms": PUBLISHED_TRAIN_MS.get((args.preset, args.steps)) if args.train else None,
         "runs": runs,
     }
-    name = "_".join(
-        filter(
-            None,
-            [
-                "inner_loop",
-                "train" if args.train else None,
-                f"sweep-{args.sweep}" if args.sweep else None,
-                slug(info["name"]),
-                str(dt.date.today()),
-            ],
-        )
+    # write_result adds the device and the date, and _2, _3, ... so that a second run on a day keeps the first.
+    kind = "_".join(
+        filter(None, ["inner_loop", "train" if args.train else None, f"sweep-{args.sweep}" if args.sweep else None])
     )
-    out = write_result(result, name, args.out or RESULTS_DIR / f"{name}.json")
+    out = write_result(result, kind, args.out)
     if args.plot:
         write_plot(result, out.with_suffix(".png"))
     return result

@@ -17,9 +17,11 @@
 //   avx512  float, x86 with AVX-512F: the transposed problem l^T = W H^T, so that a SIMD vector spans 16 rows
 //           (tokens) and the softmax's max, exp and sum run across rows with no horizontal reduction. Both
 //           GEMMs (l^T = W_j H^T and a^T += W_j^T P^T) use one 12 x 32 register-tile kernel that broadcasts
-//           weight elements against rows of a packed H^T (or P^T) panel; nothing of W is packed or copied.
+//           weight elements against rows of a panel-major H^T (or P^T); W is packed once per call in 12-row
+//           tiles (pack_tiles) that both GEMMs read. Tasks take as many rows as fit in L2 (choose_plan).
 //           Its Bf16Pairs kind runs bfloat16 the same way with vdpbf16ps (AVX512-BF16) on pairs of k, fp32
-//           accumulation, P rounded to bf16 and W paired along the vocabulary for the dh GEMM. Only where
+//           accumulation, W's rows read in place for the logits and W paired along the vocabulary for the dh
+//           GEMM, P rounded to bf16. Only where
 //           vdpbf16ps outruns fp32 FMA (timed once per process; AMD Zen 4/5, not Intel Xeons).
 //   blas    float64, and float without AVX-512: the row-major problem with the BLAS GEMM of blas.h.
 //   amx     bfloat16 on CPUs with AMX (and AVX512-BF16), d a multiple of 32: both GEMMs on the tile unit with
@@ -141,8 +143,9 @@ inline int64_t l2_bytes() {
 
 // avx512: a task's H^T, a^T, the block's logits (rows x vocab_block each) and the weight block stay in ~60% of
 // L2. Measured at d = 256, V = 50258, 2048 rows (benchmarks/NOTES.md, "The CPU inner loop"): 252 vocabulary rows
-// (a multiple of the 12-row tile, ~256 KB of weight), and as many rows as fit: 96 on a 1 MB L2 (AMD EPYC Zen 5),
-// 256 on a 2 MB L2 (Intel Xeon), where fewer rows per task re-stream W from L3 more often (one pass per task).
+// (a multiple of the 12-row tile, ~256 KB of weight), and as many rows as fit: 256 on a 2 MB L2 (Intel Xeon), where
+// fewer rows per task re-stream W from L3 more often (one pass per task); 96 on a 1 MB L2, the size measured best
+// on an AMD EPYC Zen 5 (with row-major task buffers: not re-measured since they became panel-major).
 // More than 256 leaves too few tasks for two threads. Small problems shrink the task so every thread works.
 template <typename T>
 Plan choose_plan(int64_t rows, int64_t d) {

@@ -1,5 +1,6 @@
 """benchmarks/inner_loop.py at a tiny size: the JSON it writes, the correctness gate, sweeps, training mode."""
 
+import datetime as dt
 import importlib.util
 import json
 from pathlib import Path
@@ -65,6 +66,20 @@ def test_writes_the_result_file(bench, tmp_path):
         assert row["peak_memory_bytes"] > 10**8 and row["minor_faults_per_loop"] >= 0
     assert rows["reference"]["speedup_vs_reference"] == pytest.approx(1.0)
     assert rows["fused+graph"]["status"] == "unavailable" and "CUDA" in rows["fused+graph"]["reason"]
+
+
+def test_a_second_run_on_a_day_keeps_the_first(bench, tmp_path, monkeypatch):
+    import common  # the benchmarks' module, as inner_loop.py imports it
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    bench.main(TINY + ["--variants", "eager"])
+    bench.main(TINY + ["--variants", "eager", "--train"])
+    bench.main(TINY + ["--variants", "eager"])
+    names = sorted(p.name for p in tmp_path.glob("*.json"))
+    assert len(names) == 3 and all(str(dt.date.today()) in n for n in names), names
+    first, second = sorted(n for n in names if n.startswith("inner_loop_") and "_train_" not in n)
+    assert second == first.replace(".json", "_2.json")
+    assert sum(n.startswith("inner_loop_train_") for n in names) == 1
 
 
 def test_cpu_timed_runs_are_interleaved_across_variants(bench, tmp_path, monkeypatch):
