@@ -297,7 +297,7 @@ LTM_AVX512 inline void tile(int64_t K, const OperandA<typename E::Elem>& A, int6
   using Elem = typename E::Elem;
   constexpr int64_t kLine = 64 / sizeof(Elem);
   const int64_t row = kRow > 0 ? kRow : A.row, col = kCol > 0 ? kCol : A.col, chunk = kChunk > 0 ? kChunk : A.chunk;
-  const Elem* at = A.a + t * A.tile;
+  const Elem* a_tile = A.a + t * A.tile;
   const int64_t pf_row = row == 1 ? kLine : row;  // a packed tile's lines are consecutive
   __m512 acc0[MR], acc1[MR];
 #pragma GCC unroll 12
@@ -306,7 +306,7 @@ LTM_AVX512 inline void tile(int64_t K, const OperandA<typename E::Elem>& A, int6
     acc1[i] = _mm512_setzero_ps();
   }
   for (int64_t k0 = 0; k0 < K; k0 += chunk) {
-    const Elem* ac = at + k0 / chunk * A.chunk_step;
+    const Elem* ac = a_tile + k0 / chunk * A.chunk_step;
     const Elem* bc = b + k0 * kPanel;
     const int64_t kn = std::min(chunk, K - k0);
     for (int64_t k = 0; k < kn; ++k) {
@@ -472,9 +472,9 @@ LTM_AVX512 void task_avx512(const typename E::Elem* H, const OperandA<typename E
   float* stat = scratch<float, 3>(4 * rp);              // m, s, rescale, target logit
   float *m = stat, *s = stat + rp, *scale = stat + 2 * rp, *tl = stat + 3 * rp;
   // Row t of the task in panel-major layouts: panel t / 32, lane t % 32.
-  auto at_row = [](int64_t t, int64_t panel_rows) { return t / kPanel * panel_rows * kPanel + t % kPanel; };
+  auto panel_offset = [](int64_t t, int64_t panel_rows) { return t / kPanel * panel_rows * kPanel + t % kPanel; };
   for (int64_t t = 0; t < rp; ++t) {
-    Elem* col = ht + at_row(t, dk);
+    Elem* col = ht + panel_offset(t, dk);
     for (int64_t k = 0; k < dk; ++k) {
       col[k * kPanel] = t < rows ? H[t * dk + k] : Elem(0);
     }
@@ -495,11 +495,11 @@ LTM_AVX512 void task_avx512(const typename E::Elem* H, const OperandA<typename E
     for (int64_t t = 0; t < rows; ++t) {
       const int64_t c = tgt[t] - j0;
       if (c >= 0 && c < jb) {
-        tl[t] = lt[at_row(t, vb) + c * kPanel];
+        tl[t] = lt[panel_offset(t, vb) + c * kPanel];
       }
     }
     for (int64_t t = 0; t < rp; t += 16) {
-      float* col = lt + at_row(t, vb);  // 16 rows of the block's logits, column c at col + c * kPanel
+      float* col = lt + panel_offset(t, vb);  // 16 rows of the block's logits, column c at col + c * kPanel
       const __m512 m_old = _mm512_loadu_ps(m + t);
       __m512 mx = m_old;
       for (int64_t c = 0; c < jb; ++c) {
@@ -523,7 +523,7 @@ LTM_AVX512 void task_avx512(const typename E::Elem* H, const OperandA<typename E
   }
   finish_rows(
       rows, d, m, s, tl, tgt, want_dh, lse, row_nll, dh,
-      [&](int64_t t, int64_t k) { return at[at_row(t, d) + k * kPanel]; },
+      [&](int64_t t, int64_t k) { return at[panel_offset(t, d) + k * kPanel]; },
       [&](int64_t v, int64_t k) { return weight_value(E{}, w_rows, v * d + k); });
 }
 // The padding of the packed weight layouts: a whole number of AMX blocks (kAmxVocab).
