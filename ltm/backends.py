@@ -12,8 +12,9 @@ Backends (docs/backends.md):
              `lm_head_nll`, `posterior_step`) on CUDA, or on CPU tensors under TRITON_INTERPRET=1 (slow, fp32:
              for tests).
 - ``auto``   the fastest implementation available for each op on the model's device: Triton kernels on
-             CUDA (half and fp32 tensors), the extension where built (and oneDNN linears on CPU), else
-             eager. Never the interpreter.
+             CUDA (half and fp32 tensors), the extension where built (and oneDNN linears on CPU, except
+             float32 ones where the linked BLAS is faster: MKL on Intel, impl "blas+onednn"), else eager.
+             Never the interpreter.
 
 The eager LM head (`lm_head_nll` of eager, and of cpp / auto where the extension has no kernel) is the
 chunked PyTorch loss `ltm_kernels.lm_head_nll_chunked`, so no backend materialises (B*N, V) logits;
@@ -95,6 +96,14 @@ def _linear_onednn_else_eager(x, weight):
     return torch.nn.functional.linear(x, weight)
 
 
+def _linear_onednn_bf16_else_eager(x, weight):
+    """For auto on CPUs where the linked BLAS outruns oneDNN in float32 (MKL on Intel): oneDNN for bfloat16,
+    F.linear (the BLAS) for the rest."""
+    if x.dtype == torch.bfloat16 and weight.dtype == x.dtype:
+        return ltm_kernels.linear_onednn(x, weight)
+    return torch.nn.functional.linear(x, weight)
+
+
 # Ops with a Triton kernel; the first argument's dtype decides whether `auto` may use it.
 _TRITON = dict(
     rms_norm=ltm_kernels.rms_norm_triton,
@@ -170,7 +179,10 @@ def select_ops(backend: str, device: torch.device) -> Ops:
             if ltm_kernels.has_op(_CPP_SCHEMA.get(name, name), device.type):
                 chosen[name], impl[name] = fn, "cpp"
         if device.type == "cpu" and ltm_kernels.linear_onednn_status()[0]:
-            chosen["linear"], impl["linear"] = _linear_onednn_else_eager, "onednn"
+            if backend == "auto" and ltm_kernels.blas_outruns_onednn():
+                chosen["linear"], impl["linear"] = _linear_onednn_bf16_else_eager, "blas+onednn"
+            else:
+                chosen["linear"], impl["linear"] = _linear_onednn_else_eager, "onednn"
         if backend == "cpp" and "cpp" not in impl.values():
             missing = ", ".join(f"ltm::{name}" for name in _CPP)
             raise BackendUnavailableError(

@@ -18,7 +18,7 @@ from ._triton import triton_device_ok, triton_status
 from .attention_cpp import latent_attention_cpp, self_attention_cpp
 from .elementwise_cpp import add_rms_norm_cpp, rms_norm_cpp, swiglu_cpp
 from .latent_attention import MAX_LATENTS, latent_attention_triton
-from .linear_onednn import linear_onednn, linear_onednn_status
+from .linear_onednn import blas_outruns_onednn, linear_onednn, linear_onednn_status
 from .lm_head_nll import lm_head_nll_chunked, lm_head_nll_triton
 from .lm_head_nll_cpp import lm_head_nll_cpp
 from .posterior_step_cpp import posterior_step_cpp
@@ -49,6 +49,7 @@ __all__ = [
     "latent_attention_cpp",
     "latent_attention_ref",
     "latent_attention_triton",
+    "blas_outruns_onednn",
     "linear_onednn",
     "linear_onednn_status",
     "lm_head_nll_chunked",

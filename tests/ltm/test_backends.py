@@ -1,11 +1,13 @@
 """The dispatch point (ltm.backends) and the cpp backend's agreement with eager."""
 
+import collections
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ltm_kernels
 from ltm import BackendUnavailableError, LTMConfig, LTMDecoder, backend_status
@@ -123,8 +125,58 @@ def test_eager_and_auto_always_available():
 def test_auto_and_cpp_use_the_extension_on_cpu():
     for backend in ("auto", "cpp"):
         impl = dict(select_ops(backend, torch.device("cpu")).impl)
-        # Every op on CPU: the extension's kernels, and oneDNN for the linear layers.
-        assert impl == {name: "onednn" if name == "linear" else "cpp" for name in impl}, impl
+        # Every op on CPU: the extension's kernels, and oneDNN for the linear layers (auto: float32 through
+        # the linked BLAS where it is the faster, MKL on Intel).
+        linear = "blas+onednn" if backend == "auto" and ltm_kernels.blas_outruns_onednn() else "onednn"
+        assert impl == {name: linear if name == "linear" else "cpp" for name in impl}, impl
+
+
+class LinearCalls(TorchDispatchMode):
+    """Counts the oneDNN linear op (`ltm::linear`) and the BLAS GEMMs (`aten::mm` / `addmm`) by dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.name() in ("ltm::linear", "aten::mm", "aten::addmm"):
+            self.calls[(func.name(), args[0].dtype)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("blas_faster", [True, False])
+def test_auto_takes_the_blas_for_float32_linears_only_where_it_is_faster(monkeypatch, blas_faster):
+    if not ltm_kernels.linear_onednn_status()[0]:
+        pytest.skip(ltm_kernels.linear_onednn_status()[1])
+    monkeypatch.setattr(ltm_kernels, "blas_outruns_onednn", lambda: blas_faster)
+    select_ops.cache_clear()
+    try:
+        linear = select_ops("auto", torch.device("cpu")).linear
+        x, w = torch.randn(3, 5, 8), torch.randn(4, 8)
+        for dtype in (torch.float32, torch.bfloat16):
+            with LinearCalls() as counter:
+                y = linear(x.to(dtype), w.to(dtype))
+            tol = 1e-5 if dtype == torch.float32 else 5e-2
+            torch.testing.assert_close(y.float(), torch.nn.functional.linear(x, w), rtol=tol, atol=tol)
+            onednn = dtype == torch.bfloat16 or not blas_faster
+            assert counter.calls[("ltm::linear", dtype)] == int(onednn), counter.calls
+            assert (counter.calls[("aten::mm", dtype)] + counter.calls[("aten::addmm", dtype)] > 0) == (not onednn)
+    finally:
+        select_ops.cache_clear()
+
+
+def test_the_blas_is_taken_for_mkl_on_intel_only(monkeypatch):
+    module = sys.modules["ltm_kernels.linear_onednn"]  # the attribute of that name is the function
+
+    for vendor, expected in (
+        ("GenuineIntel", torch.backends.mkl.is_available()),
+        ("AuthenticAMD", False),
+        (None, False),
+    ):
+        monkeypatch.setattr(module, "cpu_vendor", lambda vendor=vendor: vendor)
+        module.blas_outruns_onednn.cache_clear()
+        assert module.blas_outruns_onednn() == expected, vendor
+    module.blas_outruns_onednn.cache_clear()
 
 
 @needs_extension
