@@ -141,7 +141,8 @@ def build_variant(variant: str, base: LTMDecoder, status: dict) -> LTMDecoder:
         model = copy.deepcopy(base)
         if base.tok_embeddings.weight.dtype in (torch.bfloat16, torch.float16):
             model = model.float()
-        model._ops = dataclasses.replace(model.ops, lm_head_nll=reference.lm_head_nll_ref)
+        impl = tuple((name, "full logits" if name == "lm_head_nll" else how) for name, how in model.ops.impl)
+        model._ops = dataclasses.replace(model.ops, lm_head_nll=reference.lm_head_nll_ref, impl=impl)
         return model
     if variant == "fused+graph" and device.type != "cuda":
         raise Unavailable("CUDA graphs need a CUDA device")
@@ -350,6 +351,7 @@ def run_configuration(args, cfg, batch, seq, steps, device, dtype, status, peaks
             continue
         rows[variant] = {
             "status": "ok",
+            "ops": dict(model.ops.impl),  # which implementation each op ran (ltm.backends)
             "max_rel_error": errors,
             "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
         }

@@ -52,7 +52,7 @@ def blas_outruns_onednn() -> bool:
     """Whether float32 linears run faster through the BLAS torch links than through oneDNN on this CPU: true
     for MKL on an Intel CPU. MKL picks its kernels by CPU vendor. On Intel it runs AVX-512, and it measured ~10%
     ahead of oneDNN over the model's forward and backward shapes; on AMD EPYC it takes its AVX2 path and oneDNN
-    is ~2x faster (benchmarks/NOTES.md). Anything else keeps oneDNN, the choice measured on both."""
+    is ~2x faster (benchmarks/NOTES.md). Any other CPU or BLAS keeps oneDNN."""
     return torch.backends.mkl.is_available() and cpu_vendor() == "GenuineIntel"
 
 

@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from ltm import LTMConfig
+from ltm.backends import select_ops
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "inner_loop.py"
 
@@ -64,6 +66,10 @@ def test_writes_the_result_file(bench, tmp_path):
         assert 0 < row["mfu_vs_measured_matmul"]
         # Each variant's own process: a high-water mark above torch's import, and the run's page faults.
         assert row["peak_memory_bytes"] > 10**8 and row["minor_faults_per_loop"] >= 0
+    # Which implementation each op ran: the file says what was timed.
+    assert rows["eager"]["ops"] == {name: "eager" for name in rows["eager"]["ops"]}
+    assert rows["fused"]["ops"] == dict(select_ops("auto", torch.device("cpu")).impl)
+    assert rows["reference"]["ops"]["lm_head_nll"] == "full logits"
     assert rows["reference"]["speedup_vs_reference"] == pytest.approx(1.0)
     assert rows["fused+graph"]["status"] == "unavailable" and "CUDA" in rows["fused+graph"]["reason"]
 
