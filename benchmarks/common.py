@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ltm.files import atomic_write_text
+from ltm_kernels.cpuinfo import cpuinfo, cpuinfo_value
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -126,21 +127,10 @@ def git_commit() -> str:
 
 def cpu_info() -> dict:
     """CPU model and the ISA flags of CPU_ISA_FLAGS it has (Linux /proc/cpuinfo; elsewhere the model only)."""
-    name, flags = None, []
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    for line in lines:
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if name is None and key in ("model name", "Model"):
-            name = value.strip()
-        elif not flags and key in ("flags", "Features"):
-            have = set(value.split())
-            flags = [f for f in CPU_ISA_FLAGS if f in have]
-    name = name or platform.processor() or platform.machine()
-    return {"cpu": name, "cpu_isa": flags, "cpu_count": len([ln for ln in lines if ln.startswith("processor")])}
+    have = set((cpuinfo_value("flags", "Features") or "").split())
+    name = cpuinfo_value("model name", "Model") or platform.processor() or platform.machine()
+    count = sum(key == "processor" for key, _ in cpuinfo())
+    return {"cpu": name, "cpu_isa": [f for f in CPU_ISA_FLAGS if f in have], "cpu_count": count}
 
 
 def library_versions() -> dict:

@@ -85,23 +85,20 @@ _CPP = dict(
 
 _CPP_SCHEMA = {"add_rms_norm": "rms_norm"}
 
-# The CPU GEMM of the linear layers under cpp / auto (a library choice, not an extension kernel: impl "onednn").
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+# The CPU GEMM of the linear layers under cpp / auto (a library choice, not an extension kernel): oneDNN for
+# these dtypes, F.linear (the linked BLAS) for the rest. `auto` leaves float32 to the BLAS where it is the faster.
+def _linear_onednn_else_eager(onednn_dtypes: tuple) -> Callable:
+    def linear(x, weight):
+        if x.dtype in onednn_dtypes and weight.dtype == x.dtype:
+            return ltm_kernels.linear_onednn(x, weight)
+        return torch.nn.functional.linear(x, weight)
+
+    return linear
 
 
-def _linear_onednn_else_eager(x, weight):
-    """For cpp / auto on CPU: oneDNN for float32 / bfloat16, F.linear for the rest (float64 models)."""
-    if x.dtype in _ONEDNN_DTYPES and weight.dtype == x.dtype:
-        return ltm_kernels.linear_onednn(x, weight)
-    return torch.nn.functional.linear(x, weight)
-
-
-def _linear_onednn_bf16_else_eager(x, weight):
-    """For auto on CPUs where the linked BLAS outruns oneDNN in float32 (MKL on Intel): oneDNN for bfloat16,
-    F.linear (the BLAS) for the rest."""
-    if x.dtype == torch.bfloat16 and weight.dtype == x.dtype:
-        return ltm_kernels.linear_onednn(x, weight)
-    return torch.nn.functional.linear(x, weight)
+_LINEAR_ONEDNN = _linear_onednn_else_eager((torch.float32, torch.bfloat16))  # impl "onednn"
+_LINEAR_ONEDNN_BF16 = _linear_onednn_else_eager((torch.bfloat16,))  # impl "blas+onednn"
 
 
 # Ops with a Triton kernel; the first argument's dtype decides whether `auto` may use it.
@@ -180,9 +177,9 @@ def select_ops(backend: str, device: torch.device) -> Ops:
                 chosen[name], impl[name] = fn, "cpp"
         if device.type == "cpu" and ltm_kernels.linear_onednn_status()[0]:
             if backend == "auto" and ltm_kernels.blas_outruns_onednn():
-                chosen["linear"], impl["linear"] = _linear_onednn_bf16_else_eager, "blas+onednn"
+                chosen["linear"], impl["linear"] = _LINEAR_ONEDNN_BF16, "blas+onednn"
             else:
-                chosen["linear"], impl["linear"] = _linear_onednn_else_eager, "onednn"
+                chosen["linear"], impl["linear"] = _LINEAR_ONEDNN, "onednn"
         if backend == "cpp" and "cpp" not in impl.values():
             missing = ", ".join(f"ltm::{name}" for name in _CPP)
             raise BackendUnavailableError(

@@ -14,12 +14,12 @@ with oneDNN, which `linear_onednn_status()` reports). Float32 and bfloat16; any 
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from ._triton import grad_wanted
+from .cpuinfo import cpuinfo_value
 
 _DTYPES = (torch.float32, torch.bfloat16)
 
@@ -33,27 +33,13 @@ def linear_onednn_status() -> tuple[bool, str]:
     return True, "oneDNN linear"
 
 
-def cpu_vendor() -> str | None:
-    """The CPU's vendor_id from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD", ...); None where it cannot be
-    read (not Linux)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        key, _, value = line.partition(":")
-        if key.strip() == "vendor_id":
-            return value.strip()
-    return None
-
-
 @functools.cache
 def blas_outruns_onednn() -> bool:
     """Whether float32 linears run faster through the BLAS torch links than through oneDNN on this CPU: true
     for MKL on an Intel CPU. MKL picks its kernels by CPU vendor. On Intel it runs AVX-512, and it measured ~10%
     ahead of oneDNN over the model's forward and backward shapes; on AMD EPYC it takes its AVX2 path and oneDNN
     is ~2x faster (benchmarks/NOTES.md). Any other CPU or BLAS keeps oneDNN."""
-    return torch.backends.mkl.is_available() and cpu_vendor() == "GenuineIntel"
+    return torch.backends.mkl.is_available() and cpuinfo_value("vendor_id") == "GenuineIntel"
 
 
 def _onednn(x: Tensor, weight: Tensor) -> Tensor:

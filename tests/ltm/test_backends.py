@@ -173,7 +173,7 @@ def test_the_blas_is_taken_for_mkl_on_intel_only(monkeypatch):
         ("AuthenticAMD", False),
         (None, False),
     ):
-        monkeypatch.setattr(module, "cpu_vendor", lambda vendor=vendor: vendor)
+        monkeypatch.setattr(module, "cpuinfo_value", lambda key, vendor=vendor: vendor if key == "vendor_id" else None)
         module.blas_outruns_onednn.cache_clear()
         assert module.blas_outruns_onednn() == expected, vendor
     module.blas_outruns_onednn.cache_clear()
