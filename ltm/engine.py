@@ -11,8 +11,9 @@ and the step counter. A loop is
 (`run` does all three). `execute` is the same Python on every device: reset the moments and the counter,
 z = mu + noise * sigma, the forward's part that does not depend on z (the embedding and layer 0 up to its
 cross-attention query: `LTMDecoder.latent_free_prefix`) once, then T times the rest of the forward +
-activation-only backward (`torch.autograd.grad` with respect to
-z) + the posterior-step op, then nll and kl. Nothing in it reads a tensor on the host, and nothing
+activation-only backward (`torch.autograd.grad` with respect to z) + the posterior-step op, then nll (one
+more forward, at the fitted z; skipped under `final_nll=False`, for callers that only need the fitted
+latents or run that forward themselves) and kl. Nothing in it reads a tensor on the host, and nothing
 allocated in a step outlives it: the op's step counter and scheduled lr live on the device, z is the same
 buffer every step (the gradient is taken through `z_leaf`, which shares its memory), and every update is
 in place. The only per-step allocations are the forward/backward's temporaries, the same every step (on
@@ -52,7 +53,8 @@ MAX_CACHED_LOOPS = 4  # engines (graphs) kept per model by cached_inner_loop, le
 
 class InnerLoop:
     """Posterior inference for one (batch, seq_len, steps, lr, schedule, weight_decay) on `model`'s device,
-    dtype and backend ops. `graph`: capture a CUDA graph (default: on CUDA devices)."""
+    dtype and backend ops. `graph`: capture a CUDA graph (default: on CUDA devices). `final_nll`: compute
+    the nll at the fitted z (one forward after the last step); False leaves `nll` None."""
 
     def __init__(
         self,
@@ -64,10 +66,11 @@ class InnerLoop:
         schedule: str = INNER_LOOP.schedule,
         weight_decay: float = INNER_LOOP.weight_decay,
         graph: bool | None = None,
+        final_nll: bool = True,
     ):
         cfg = model.cfg
         steps = cfg.t_fast if steps is None else steps
-        check_loop_settings(steps, lr, schedule, weight_decay)
+        check_loop_settings(steps, lr, schedule, weight_decay, final_nll)
         for name, value, high in (("batch", batch, None), ("seq_len", seq_len, cfg.max_seq_len)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1 or (high and value > high):
                 raise ValueError(f"{name} must be an int in [1, {high or 'inf'}], got {value!r}")
@@ -79,7 +82,8 @@ class InnerLoop:
         self.ops = model.ops
         self.steps, self.lr, self.schedule, self.weight_decay = steps, float(lr), schedule, float(weight_decay)
         self.use_graph = device.type == "cuda" if graph is None else bool(graph)
-        self.key = loop_key(model, batch, seq_len, steps, lr, schedule, weight_decay)
+        self.final_nll = final_nll
+        self.key = loop_key(model, batch, seq_len, steps, lr, schedule, weight_decay, final_nll)
 
         shape = (batch, cfg.n_z, cfg.d_model)
         f = dict(device=device, dtype=_param_dtype(model))
@@ -127,7 +131,7 @@ class InnerLoop:
 
     @torch.no_grad()
     def _loop(self):
-        """The whole inner loop on the static buffers (what the CUDA graph captures); returns (nll, kl)."""
+        """The whole inner loop on the static buffers (what the CUDA graph captures); returns (nll or None, kl)."""
         model = self.model
         self.mu.copy_(self.mu0)
         self.logvar.copy_(self.logvar0)
@@ -140,7 +144,8 @@ class InnerLoop:
         prefix = model.latent_free_prefix(self.tokens)
         for _ in range(self.steps):
             self._step(model, prefix)
-        return model.sequence_nll(self.tokens, self.targets, self.z, prefix), kl_divergence(self.mu, self.logvar)
+        nll = model.sequence_nll(self.tokens, self.targets, self.z, prefix) if self.final_nll else None
+        return nll, kl_divergence(self.mu, self.logvar)
 
     # ------------------------------------------------------------------------------------------- public
     def load(
@@ -198,14 +203,14 @@ class InnerLoop:
 
     def result(self) -> Posterior:
         """Copies of the last execute's outputs (the buffers are overwritten by the next one)."""
-        if self.nll is None:
+        if self.kl is None:
             raise RuntimeError("InnerLoop.result() before execute()")
         return Posterior(
             mu=self.mu.clone(),
             logvar=self.logvar.clone(),
             z=self.z.clone(),
             noise=self.noise.clone(),
-            nll=self.nll.clone(),
+            nll=None if self.nll is None else self.nll.clone(),
             kl=self.kl.clone(),
         )
 
@@ -238,7 +243,7 @@ class InnerLoop:
         self.close()
 
 
-def loop_key(model, batch, seq_len, steps, lr, schedule, weight_decay) -> tuple:
+def loop_key(model, batch, seq_len, steps, lr, schedule, weight_decay, final_nll=True) -> tuple:
     """What a captured loop depends on: shapes and settings, and the model's dtype, device, ops and weight
     addresses (a graph reads weights where they were at capture), and the autocast state."""
     weight = model.tok_embeddings.weight
@@ -254,6 +259,7 @@ def loop_key(model, batch, seq_len, steps, lr, schedule, weight_decay) -> tuple:
         float(lr),
         schedule,
         float(weight_decay),
+        final_nll,
         weight.dtype,
         weight.device,
         id(model.ops),
@@ -266,15 +272,15 @@ def loop_key(model, batch, seq_len, steps, lr, schedule, weight_decay) -> tuple:
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def cached_inner_loop(model, batch, seq_len, steps, lr, schedule, weight_decay) -> InnerLoop:
+def cached_inner_loop(model, batch, seq_len, steps, lr, schedule, weight_decay, final_nll=True) -> InnerLoop:
     """The engine for this loop on `model`, built (and on CUDA captured on first use) once per key; the
     least recently used of more than MAX_CACHED_LOOPS per model is closed."""
     loops = _CACHE.setdefault(model, collections.OrderedDict())
-    key = loop_key(model, batch, seq_len, steps, lr, schedule, weight_decay)
+    key = loop_key(model, batch, seq_len, steps, lr, schedule, weight_decay, final_nll)
     if key in loops:
         loops.move_to_end(key)
         return loops[key]
-    loop = loops[key] = InnerLoop(model, batch, seq_len, steps, lr, schedule, weight_decay)
+    loop = loops[key] = InnerLoop(model, batch, seq_len, steps, lr, schedule, weight_decay, final_nll=final_nll)
     while len(loops) > MAX_CACHED_LOOPS:
         loops.popitem(last=False)[1].close()
     return loop

@@ -56,11 +56,16 @@ class Posterior:
     logvar: torch.Tensor  # (B, n_z, d)
     z: torch.Tensor  # (B, n_z, d): mu + noise * exp(logvar / 2) at the final parameters
     noise: torch.Tensor  # (B, n_z, d): the fixed noise of this loop
-    nll: torch.Tensor  # (B,): summed CE over tokens at the final z
+    nll: torch.Tensor | None  # (B,): summed CE over tokens at the final z; None if not asked for (final_nll)
     kl: torch.Tensor  # (B,): summed KL over latent dims at the final parameters
 
     @property
     def nelbo(self) -> torch.Tensor:
+        if self.nll is None:
+            raise ValueError(
+                "Posterior.nelbo needs the final nll, which this posterior was fitted without "
+                "(final_nll=False); use elbo_terms(mu, logvar, noise) or infer_posterior(final_nll=True)"
+            )
         return self.nll + self.kl
 
 
@@ -94,7 +99,7 @@ def check_inputs(model, tokens, targets, mu, logvar, noise):
     return (tokens, targets, *latents)
 
 
-def check_loop_settings(steps, lr, schedule, weight_decay) -> None:
+def check_loop_settings(steps, lr, schedule, weight_decay, final_nll=True) -> None:
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
     if schedule not in SCHEDULES:
@@ -103,6 +108,8 @@ def check_loop_settings(steps, lr, schedule, weight_decay) -> None:
         raise ValueError(f"lr must be a finite non-negative number, got {lr!r}")
     if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
         raise ValueError(f"weight_decay must be a finite non-negative number, got {weight_decay!r}")
+    if not isinstance(final_nll, bool):
+        raise ValueError(f"final_nll must be a bool (True: the Posterior's nll at the fitted z), got {final_nll!r}")
 
 
 def raise_if_non_finite(
@@ -111,6 +118,7 @@ def raise_if_non_finite(
     """NonFiniteError if any term of `post` is nan/inf, naming them and suggesting a smaller lr or initial
     (mu0, logvar0) in range. One host read, after the loop: nothing inside a loop or a CUDA graph waits."""
     terms = {"nll (the CE term)": post.nll, "kl": post.kl, "mu": post.mu, "logvar": post.logvar, "z": post.z}
+    terms = {name: t for name, t in terms.items() if t is not None}  # nll: None under final_nll=False
     bad = torch.stack([~torch.isfinite(t).all() for t in terms.values()]).tolist()
     if not any(bad):
         return

@@ -321,9 +321,11 @@ class LTMDecoder(nn.Module):
         noise=None,
         generator=None,
         check_finite=True,
+        final_nll=True,
     ):
         """Fit q(z | x) = N(mu, diag exp(logvar)) with the fast inner loop (docs/model.md, 'The inner loop').
-        `check_finite`: raise ltm.posterior.NonFiniteError when the loop diverges (one check, after it)."""
+        `check_finite`: raise ltm.posterior.NonFiniteError when the loop diverges (one check, after it).
+        `final_nll`: False skips the forward that computes Posterior.nll at the fitted z (nll is then None)."""
         from ltm.posterior import infer_posterior
 
         return infer_posterior(
@@ -339,6 +341,7 @@ class LTMDecoder(nn.Module):
             noise=noise,
             generator=generator,
             check_finite=check_finite,
+            final_nll=final_nll,
         )
 
     # ---------------------------------------------------------------- KV-cache decoding (generation)

@@ -83,7 +83,17 @@ def elbo_terms(model, tokens, targets, mu, logvar, noise, check_finite: bool = T
 
 
 def eager_inner_loop(
-    model, tokens, targets, steps: int, lr: float, schedule: str, weight_decay: float, mu, logvar, noise
+    model,
+    tokens,
+    targets,
+    steps: int,
+    lr: float,
+    schedule: str,
+    weight_decay: float,
+    mu,
+    logvar,
+    noise,
+    final_nll: bool = True,
 ) -> Posterior:
     """The inner loop in plain Python over the backend ops: the reference path. Updates mu, logvar in place
     (callers pass tensors of their own)."""
@@ -113,7 +123,7 @@ def eager_inner_loop(
                 ADAM_EPS,
                 weight_decay,
             )
-        nll = model.sequence_nll(tokens, targets, z)
+        nll = model.sequence_nll(tokens, targets, z) if final_nll else None
         kl = kl_divergence(mu, logvar)
     return Posterior(mu=mu, logvar=logvar, z=z, noise=noise, nll=nll, kl=kl)
 
@@ -131,10 +141,14 @@ def infer_posterior(
     noise=None,
     generator: torch.Generator | None = None,
     check_finite: bool = True,
+    final_nll: bool = True,
 ) -> Posterior:
     """LTMDecoder.infer_posterior: the eager loop for backend="eager", else the engine (ltm.engine), cached
     per model and loop shape (on CUDA its graph is captured on the first call of a shape and replayed after).
-    `check_finite`: raise NonFiniteError when the result holds nan/inf (checked once, after the loop)."""
+    `check_finite`: raise NonFiniteError when the result holds nan/inf (checked once, after the loop).
+    `final_nll`: compute Posterior.nll, one forward at the fitted z after the last step (~1/(3T) of the
+    loop); False leaves it None, for callers that need only the latents or run that forward themselves
+    (training: the decoder's loss is the same CE at the same z)."""
     if torch.is_inference_mode_enabled():
         # The loop differentiates the decoder with respect to z, which inference tensors forbid: run it with
         # inference mode off, on ordinary copies of the inputs; the results are ordinary tensors.
@@ -143,13 +157,25 @@ def infer_posterior(
                 x.clone() if isinstance(x, torch.Tensor) else x for x in (tokens, targets, mu, logvar, noise)
             )
             return infer_posterior(
-                model, tokens, targets, steps, lr, schedule, weight_decay, mu, logvar, noise, generator, check_finite
+                model,
+                tokens,
+                targets,
+                steps,
+                lr,
+                schedule,
+                weight_decay,
+                mu,
+                logvar,
+                noise,
+                generator,
+                check_finite,
+                final_nll,
             )
     steps = model.cfg.t_fast if steps is None else steps
-    check_loop_settings(steps, lr, schedule, weight_decay)
+    check_loop_settings(steps, lr, schedule, weight_decay, final_nll)
     tokens, targets, mu, logvar, noise = check_inputs(model, tokens, targets, mu, logvar, noise)
     if model.backend != "eager":
-        loop = cached_inner_loop(model, tokens.shape[0], tokens.shape[1], steps, lr, schedule, weight_decay)
+        loop = cached_inner_loop(model, tokens.shape[0], tokens.shape[1], steps, lr, schedule, weight_decay, final_nll)
         post = loop.run(tokens, targets, mu, logvar, noise, generator=generator, checked=True)
         mu, logvar = loop.mu0, loop.logvar0
     else:
@@ -166,6 +192,7 @@ def infer_posterior(
             mu.detach().clone(),
             logvar.detach().clone(),
             noise.detach().clone(),
+            final_nll,
         )
     if check_finite:
         raise_if_non_finite("infer_posterior", post, mu, logvar, steps, lr, schedule)

@@ -477,10 +477,12 @@ def _train_locked(cfg, rank, world, device, model_cfg, data, sampler, stop) -> T
                 with autocast():
                     if cfg.latents == "zero":
                         z = torch.zeros(tokens.shape[0], model_cfg.n_z, model_cfg.d_model, device=device)
-                        nll_post = kl_post = torch.zeros(tokens.shape[0], device=device)
+                        kl_post, posterior = torch.zeros(tokens.shape[0], device=device), "none"
                     else:
                         mu, logvar, noise = initial_latents(model_cfg, cfg.seed, step, index, device)
                         # check_finite=False: a non-finite posterior is handled below, together on every rank.
+                        # final_nll=False: the posterior's nll at z is the CE of the decoder update below (the
+                        # same z, weights and autocast), so that forward runs once, there.
                         post = infer_posterior(
                             model,
                             tokens,
@@ -492,13 +494,13 @@ def _train_locked(cfg, rank, world, device, model_cfg, data, sampler, stop) -> T
                             logvar=logvar,
                             noise=noise,
                             check_finite=False,
+                            final_nll=False,
                         )
-                        z, nll_post, kl_post = post.z.detach(), post.nll, post.kl
+                        z, kl_post, posterior = post.z.detach(), post.kl, "fitted"
                         # A non-finite posterior would be refused by the next check_latent; zeroing it here lets
                         # every rank reach the collective below and stop together with a clear message.
                         if not bool(torch.isfinite(z).all()):
-                            z = torch.zeros_like(z)
-                            nll_post = torch.full_like(nll_post, float("nan"))
+                            z, posterior = torch.zeros_like(z), "diverged"
                     n_scored = int((targets != -1).sum())
                     sync = loss_module.no_sync() if world > 1 and micro < cfg.grad_accum - 1 else nullcontext()
                     with sync:
@@ -506,8 +508,10 @@ def _train_locked(cfg, rank, world, device, model_cfg, data, sampler, stop) -> T
                         # mean CE over the global batch: each micro-step holds 1 / (grad_accum) of it; DDP averages
                         # over ranks.
                         (ce_sum / n_scored / cfg.grad_accum).backward()
+                ce = ce_sum.item()
+                nll_post = {"none": 0.0, "fitted": ce, "diverged": math.nan}[posterior]
                 stats[:5] += torch.tensor(
-                    [ce_sum.item(), nll_post.sum().item(), kl_post.sum().item(), n_scored, tokens.shape[0]],
+                    [ce, nll_post, kl_post.sum().item(), n_scored, tokens.shape[0]],
                     dtype=torch.float64,
                     device=device,
                 )

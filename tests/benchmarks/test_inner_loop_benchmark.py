@@ -57,6 +57,7 @@ def test_writes_the_result_file(bench, tmp_path):
     (run,) = on_disk["runs"]
     assert run["config"]["steps"] == 3 and run["config"]["batch"] == 2 and run["config"]["seq"] == 24
     assert run["config"]["model_flops_per_loop"] > 0
+    assert run["config"]["final_nll"] is False  # every variant times the same work as the reference
     rows = run["variants"]
     assert set(rows) == {"reference", "eager", "fused", "fused+graph"}
     for name in ("reference", "eager", "fused"):

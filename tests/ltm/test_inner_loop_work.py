@@ -79,3 +79,25 @@ def test_matches_the_eager_loop(loop):
         torch.testing.assert_close(
             getattr(got, name), getattr(want, name), rtol=2e-5, atol=2e-5, msg=lambda m, name=name: f"{name}: {m}"
         )
+
+
+def test_final_nll_is_the_only_work_it_skips(loop):
+    """final_nll=False drops exactly the forward at the fitted z: one LM head and one pass of layers >= 1."""
+    model, full = loop
+    T, L = full.steps, model.cfg.n_layer
+    lean = InnerLoop(model, 2, 16, steps=T, final_nll=False)
+    lean.load(full.tokens, full.targets, full.mu0, full.logvar0, full.noise)
+    counts = {}
+    for name, engine in (("full", full), ("lean", lean)):
+        with OpCounter() as counter:
+            engine.execute()
+        counts[name] = counter.calls
+    assert counts["full"][("ltm::lm_head_nll", (False,))] == 1
+    assert counts["lean"][("ltm::lm_head_nll", (False,))] == 0
+    assert counts["lean"][("ltm::self_attention", ())] == 1 + (L - 1) * T
+    skipped = counts["full"] - counts["lean"]
+    # ... and only forward ops (no gradient, no posterior step, none of the loop's steps).
+    assert skipped and not any(name.endswith("_backward") or "posterior_step" in name for name, _ in skipped), skipped
+    assert not counts["lean"] - counts["full"]
+    assert lean.result().nll is None
+    torch.testing.assert_close(lean.result().mu, full.result().mu, rtol=0, atol=0)

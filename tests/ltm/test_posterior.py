@@ -185,6 +185,8 @@ def test_elbo_improves_over_the_inner_loop_on_a_trained_model():
         (dict(schedule="warmup"), "schedule"),
         (dict(lr=float("nan")), "lr"),
         (dict(weight_decay=-1.0), "weight_decay"),
+        (dict(final_nll=1), "final_nll"),
+        (dict(final_nll="no"), "final_nll"),
     ],
 )
 def test_bad_loop_settings(kwargs, word):
@@ -213,3 +215,21 @@ def test_bad_posterior_inputs():
         model.infer_posterior(
             torch.zeros(2, CFG.max_seq_len + 1, dtype=torch.long), torch.zeros(2, CFG.max_seq_len + 1, dtype=torch.long)
         )
+
+
+@pytest.mark.parametrize("backend", ["eager", "auto"])
+def test_without_the_final_nll(backend):
+    """final_nll=False skips the forward at the fitted z and nothing else: the latents and kl are the same,
+    nll is None, and what needs it (nelbo) says how to get it."""
+    model = make_model(backend=backend, dtype=torch.float32)
+    tokens, targets, mu, logvar, noise = (x.float() if x.is_floating_point() else x for x in make_batch(model.cfg))
+    kw = dict(steps=3, mu=mu, logvar=logvar, noise=noise)
+    full = model.infer_posterior(tokens, targets, **kw)
+    lean = model.infer_posterior(tokens, targets, final_nll=False, **kw)
+    assert lean.nll is None and full.nll is not None
+    for name in ("mu", "logvar", "z", "noise", "kl"):
+        torch.testing.assert_close(getattr(lean, name), getattr(full, name), rtol=0, atol=0)
+    want = model.elbo_terms(tokens, targets, full.mu, full.logvar, full.noise)[0]
+    torch.testing.assert_close(full.nll, want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="final_nll"):
+        _ = lean.nelbo

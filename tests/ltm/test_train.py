@@ -109,6 +109,27 @@ def test_non_finite_posterior_stops_with_a_checkpoint(data, tmp_path, monkeypatc
     assert all(torch.equal(kept["model"][k], want[k]) for k in want)
 
 
+def test_posterior_nll_is_logged_without_a_second_forward(data, tmp_path, monkeypatch):
+    """Training fits the posterior with final_nll=False and logs the decoder update's CE as the posterior nll:
+    it equals the nll the posterior itself would report at the fitted z."""
+    real = train_mod.infer_posterior
+    seen = []
+
+    def reporting(model, tokens, targets, **kw):
+        assert kw.pop("final_nll") is False
+        post = real(model, tokens, targets, final_nll=True, **kw)
+        seen.append(post.nll.sum().item() / int((targets != -1).sum()))
+        return post
+
+    monkeypatch.setattr(train_mod, "infer_posterior", reporting)
+    train(config(data, tmp_path / "run", max_steps=3))
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(seen) == len(lines) == 3
+    for want, record in zip(seen, lines):
+        assert math.isclose(record["posterior_nll_per_token"], want, rel_tol=1e-5), (record, want)
+        assert record["posterior_nll_per_token"] == record["loss"]
+
+
 def test_optimizer_groups_and_schedule(data, tmp_path):
     from ltm import LTMConfig, LTMDecoder
 
