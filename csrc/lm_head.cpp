@@ -20,8 +20,8 @@
 //           weight elements against rows of a panel-major H^T (or P^T); W is packed once per call in 12-row
 //           tiles (pack_tiles) that both GEMMs read. Tasks take as many rows as fit in L2 (choose_plan).
 //           Its Bf16Pairs kind runs bfloat16 the same way with vdpbf16ps (AVX512-BF16) on pairs of k, fp32
-//           accumulation, W's rows read in place for the logits and W paired along the vocabulary for the dh
-//           GEMM, P rounded to bf16. Only where
+//           accumulation, W tile-packed twice (its rows as pairs along d for the logits, paired along the
+//           vocabulary for the dh GEMM), P rounded to bf16. Only where
 //           vdpbf16ps outruns fp32 FMA (timed once per process; AMD Zen 4/5, not Intel Xeons).
 //   blas    float64, and float without AVX-512: the row-major problem with the BLAS GEMM of blas.h.
 //   amx     bfloat16 on CPUs with AMX (and AVX512-BF16), d a multiple of 32: both GEMMs on the tile unit with
@@ -279,12 +279,6 @@ struct OperandA {
   int64_t tile, row, col, chunk, chunk_step;
 };
 
-// Weight rows in place (row-major, `ld` elements per row) as the A of a GEMM over k < ld.
-template <typename Elem>
-OperandA<Elem> rows_operand(const Elem* a, int64_t ld) {
-  return {a, kTileRows * ld, ld, 1, std::numeric_limits<int64_t>::max(), 0};
-}
-
 // C[r][0:32] (+)= sum_k A(r, k) B[k][0:32] for r < MR, over tile t of `A`, B and C with row stride kPanel (k counts
 // elements of the kind: pairs for Bf16Pairs). `col_scale` null: C = acc; else C = C * col_scale + acc (the online
 // softmax's rescale of a^T, fused into the store). `prefetch` non-null (one-chunk A only): the next tile's lines,
@@ -386,10 +380,9 @@ LTM_AVX512 void gemm_panels(int64_t m, int64_t n, int64_t K, const OperandA<type
                             const float* col_scale, int64_t tiles_after) {
   if (A.row == 1 && A.col == kTileRows && A.chunk >= K) {  // the packed weight in the logits GEMM
     gemm_panels_fixed<E, 1, kTileRows, 0>(m, n, K, A, b, b_panel, c, c_panel, col_scale, tiles_after);
-  } else if (A.row == kTileRows && A.col == 1 && A.chunk == kTileRows) {  // ... and in the dh GEMM
+  } else {  // ... and in the dh GEMM
+    TORCH_INTERNAL_ASSERT(A.row == kTileRows && A.col == 1 && A.chunk == kTileRows, "lm_head_nll: unpacked operand");
     gemm_panels_fixed<E, kTileRows, 1, kTileRows>(m, n, K, A, b, b_panel, c, c_panel, col_scale, 0);
-  } else {
-    gemm_panels_fixed<E, 0, 0, 0>(m, n, K, A, b, b_panel, c, c_panel, col_scale, tiles_after);
   }
 }
 
@@ -451,9 +444,10 @@ inline float weight_value(Bf16Pairs, const uint32_t* w, int64_t i) {
 
 // One task: rows [r0, r0 + rows) of the flattened (M, d) hidden, given as `rows` rows of d / kPack elements.
 // logits_w: the weight as the A of l^T = W H^T (V x d / kPack); dh_w: as the A of a^T += W^T P^T (d x V / kPack,
-// element (k, c) with c counting kPack vocabulary rows); F32 reads both from the tile-packed weight, Bf16Pairs
-// the weight's rows and vocab_pairs. w_rows: the weight's rows, for the targets' rows in dh. Blocks start at
-// multiples of vb, itself a multiple of kTileRows, so a block's operands start at a whole tile.
+// element (k, c) with c counting kPack vocabulary rows); both tile-packed (pack_tiles: for F32 one packed copy
+// serves both, Bf16Pairs packs W's rows as pairs along d and W paired along the vocabulary). w_rows: the weight's
+// rows, for the targets' rows in dh. Blocks start at multiples of vb, a multiple of kTileRows (of 2 kTileRows for
+// Bf16Pairs), so a block's operands start at a whole tile and a whole chunk.
 // Writes lse and the row NLL, and dh when wanted.
 template <typename E>
 LTM_AVX512 void task_avx512(const typename E::Elem* H, const OperandA<typename E::Elem>& logits_w,
@@ -540,18 +534,21 @@ void pack_vocab_pairs(const uint16_t* W, int64_t V, int64_t d, int64_t padded, u
   });
 }
 
-// The float weight packed by tiles of kTileRows rows, k-major inside a tile: out[t][k][r] = W[12 t + r][k], zero
-// past V. The logits GEMM then broadcasts from one sequential stream instead of 12 rows d apart (for d = 256 those
-// share 4 L1 sets with the B panel and evict it: ~10% of the forward, benchmarks/NOTES.md), and the dh GEMM reads
-// 12 vocabulary rows of 12 d-values per chunk.
-void pack_tiles(const float* W, int64_t V, int64_t d, float* out) {
-  at::parallel_for(0, (V + kTileRows - 1) / kTileRows, 64, [&](int64_t lo, int64_t hi) {
+// A (rows x cols) matrix given by value(i, k), packed by tiles of kTileRows rows, k-major inside a tile:
+// out[t][k][r] = value(12 t + r, k), zero past `rows`. For the float weight (rows V, cols d) the logits GEMM
+// then broadcasts from one sequential stream instead of 12 rows d apart (for d = 256 those share 4 L1 sets with
+// the B panel and evict it: ~10% of the forward, benchmarks/NOTES.md), and the dh GEMM reads 12 vocabulary rows
+// of 12 d-values per chunk. Bf16Pairs packs two matrices this way: W's rows as pairs along d (the logits GEMM),
+// and W paired along the vocabulary (the dh GEMM).
+template <typename Elem, typename Value>
+void pack_tiles(int64_t rows, int64_t cols, const Value& value, Elem* out) {
+  at::parallel_for(0, (rows + kTileRows - 1) / kTileRows, 64, [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
-      float* o = out + t * kTileRows * d;
+      Elem* o = out + t * kTileRows * cols;
       for (int64_t r = 0; r < kTileRows; ++r) {
-        const int64_t v = t * kTileRows + r;
-        for (int64_t k = 0; k < d; ++k) {
-          o[k * kTileRows + r] = v < V ? W[v * d + k] : 0.0f;
+        const int64_t i = t * kTileRows + r;
+        for (int64_t k = 0; k < cols; ++k) {
+          o[k * kTileRows + r] = i < rows ? value(i, k) : Elem(0);
         }
       }
     }
@@ -559,11 +556,14 @@ void pack_tiles(const float* W, int64_t V, int64_t d, float* out) {
 }
 
 // The tile-packed weight (pack_tiles) as the A of the logits GEMM and of the dh GEMM.
-OperandA<float> packed_logits_operand(const float* packed, int64_t d) {
-  return {packed, kTileRows * d, 1, kTileRows, std::numeric_limits<int64_t>::max(), 0};
+// `cols`: elements per packed row (d / kPack for the logits operand, d for the dh operand).
+template <typename Elem>
+OperandA<Elem> packed_logits_operand(const Elem* packed, int64_t cols) {
+  return {packed, kTileRows * cols, 1, kTileRows, std::numeric_limits<int64_t>::max(), 0};
 }
-OperandA<float> packed_dh_operand(const float* packed, int64_t d) {
-  return {packed, kTileRows * kTileRows, kTileRows, 1, kTileRows, kTileRows * d};
+template <typename Elem>
+OperandA<Elem> packed_dh_operand(const Elem* packed, int64_t cols) {
+  return {packed, kTileRows * kTileRows, kTileRows, 1, kTileRows, kTileRows * cols};
 }
 
 #undef LTM_AVX512
@@ -789,17 +789,18 @@ bool lm_head_bf16(const at::Tensor& hidden, const at::Tensor& weight, const at::
   const at::Tensor H = hidden.contiguous(), W = weight.contiguous(), tgt = targets.contiguous();
   const auto* h = reinterpret_cast<const uint16_t*>(H.data_ptr<at::BFloat16>());
   const auto* w = reinterpret_cast<const uint16_t*>(W.data_ptr<at::BFloat16>());
-  const int64_t padded = (V + kPackedVocab - 1) / kPackedVocab * kPackedVocab;
-  // Packed on the calling thread's grow-only buffers: the steps of an inner loop reuse them (workers only read).
-  uint32_t* wv = compute_grad ? scratch<uint32_t, 12>(padded * d / 2) : nullptr;  // only the dh GEMM reads it
-  if (compute_grad) {
-    pack_vocab_pairs(w, V, d, padded, wv);
-  }
   const int64_t* t = tgt.data_ptr<int64_t>();
   float *l = lse.data_ptr<float>(), *nl = row_nll.data_ptr<float>();
   float* g = compute_grad ? dh.data_ptr<float>() : nullptr;
+  // The packed weights live on the calling thread's grow-only buffers: the steps of an inner loop reuse them
+  // (the workers only read them). The layout for the dh GEMM is packed only when dh is wanted.
   if (amx) {
 #if defined(__linux__)
+    const int64_t padded = (V + kPackedVocab - 1) / kPackedVocab * kPackedVocab;
+    uint32_t* wv = compute_grad ? scratch<uint32_t, 12>(padded * d / 2) : nullptr;
+    if (compute_grad) {
+      pack_vocab_pairs(w, V, d, padded, wv);
+    }
     uint32_t* wt = scratch<uint32_t, 14>(padded * d / 2);
     pack_amx_columns(w, V, d, wt);
     for_each_task(M, task_rows(M, kAmxRows), [&](int64_t r0, int64_t rows) {
@@ -809,13 +810,27 @@ bool lm_head_bf16(const at::Tensor& hidden, const at::Tensor& weight, const at::
 #endif
   } else {
     const Plan plan = choose_plan<float>(M, d);
+    // A block's vocabulary pairs start at a whole 12-pair chunk of the dh layout.
+    const int64_t vocab_block = std::max<int64_t>(plan.vocab_block / (2 * kTileRows), 1) * 2 * kTileRows;
+    const int64_t dk = d / 2, pairs = (V + 1) / 2;
     const auto* h2 = reinterpret_cast<const uint32_t*>(h);
     const auto* w2 = reinterpret_cast<const uint32_t*>(w);
-    // wv's element (i, q) at wv[q * d + i]: tiles of 12 consecutive i.
-    const OperandA<uint32_t> dh_operand{wv, kTileRows, 1, d, std::numeric_limits<int64_t>::max(), 0};
+    const auto tiled = [](int64_t n) { return (n + kTileRows - 1) / kTileRows * kTileRows; };
+    uint32_t* wl = scratch<uint32_t, 14>(tiled(V) * dk);  // W's rows as pairs along d
+    pack_tiles(V, dk, [&](int64_t v, int64_t k) { return w2[v * dk + k]; }, wl);
+    uint32_t* wd = compute_grad ? scratch<uint32_t, 12>(tiled(pairs) * d) : nullptr;  // W paired along the vocabulary
+    if (compute_grad) {
+      pack_tiles(
+          pairs, d,
+          [&](int64_t q, int64_t k) {
+            const uint32_t lo16 = w[2 * q * d + k], hi16 = 2 * q + 1 < V ? w[(2 * q + 1) * d + k] : 0;
+            return lo16 | (hi16 << 16);
+          },
+          wd);
+    }
     for_each_task(M, plan.rows_per_task, [&](int64_t r0, int64_t rows) {
-      task_avx512<Bf16Pairs>(h2 + r0 * d / 2, rows_operand(w2, d / 2), dh_operand, w2, t + r0, rows, d, V,
-                             plan.vocab_block, compute_grad, l + r0, nl + r0, g == nullptr ? nullptr : g + r0 * d);
+      task_avx512<Bf16Pairs>(h2 + r0 * dk, packed_logits_operand(wl, dk), packed_dh_operand(wd, d), w2, t + r0, rows, d,
+                             V, vocab_block, compute_grad, l + r0, nl + r0, g == nullptr ? nullptr : g + r0 * d);
     });
   }
   return true;
@@ -909,7 +924,7 @@ const T* pack_weight(const Plan& plan, const T* W, int64_t V, int64_t d) {
   if constexpr (std::is_same_v<T, float>) {
     if (plan.engine == Engine::kAvx512) {
       float* packed = scratch<float, 15>((V + kTileRows - 1) / kTileRows * kTileRows * d);
-      pack_tiles(W, V, d, packed);
+      pack_tiles(V, d, [&](int64_t v, int64_t k) { return W[v * d + k]; }, packed);
       return packed;
     }
   }
