@@ -3,12 +3,14 @@
 Variants, each computing the per-sequence summed NLL of logits = hidden @ W.T and its gradients:
   eager    `F.linear` + `F.cross_entropy` (`reference.lm_head_nll_ref`): full (tokens, V) logits
   chunked  `lm_head_nll_chunked`: PyTorch, chunked over tokens (the eager/cpp backends' LM head)
-  cpp      `lm_head_nll_cpp`: the C++ CPU kernel (csrc/lm_head.cpp; bf16 on the AMX engine where there is one)
+  cpp      `lm_head_nll_cpp`: the C++ CPU kernel (csrc/lm_head.cpp; bf16 on AMX, or on vdpbf16ps where it outruns FMA)
   triton   `lm_head_nll_triton`: the same chunk loop with the Triton row kernels (CUDA only here)
   liger    Liger-Kernel's `LigerFusedLinearCrossEntropyLoss(reduction="sum")`, if importable (CUDA only;
            a scalar loss, so its time includes one loss for the whole batch rather than per sequence)
 Modes: `inner` (dH only: the inner loop, decoder frozen) and `train` (dH and dW: the decoder update).
 Every variant is first checked against `eager` (loss and gradients); a wrong one is reported, not timed.
+Peak memory on CPU counts tensor storages only, so the C++ kernel's kept workspace (its packed weight and
+per-thread buffers) is not in it; `benchmarks/inner_loop.py` records each variant's whole-process peak RSS.
 
 FLOPs: 2 * tokens * d * V per GEMM; `inner` needs 2 GEMMs (logits, dH), `train` 3 (+ dW). The chunked
 variants spend one more GEMM in `train` (logits recomputed for dW); TFLOP/s below count the minimum.
@@ -85,7 +87,9 @@ def step(fn, hidden, weight, targets, mode, chunk_size):
 
 
 def peak_bytes(run, device) -> int:
-    """Peak memory allocated by one run beyond what was allocated before it."""
+    """Peak memory allocated by one run beyond what was allocated before it. On CPU that is the peak of tensor
+    storages (`PeakMemory`): the C++ kernel's own workspace (the packed weight, per-thread buffers, which it
+    allocates once and keeps across calls) is not a tensor and is not counted."""
     gc.collect()
     if device.type == "cuda":
         synchronize(device)
@@ -204,10 +208,12 @@ def main(argv=None) -> dict:
             if row.get("status") != "ok":
                 print(f"{name:10s} {row['status']}: {row.get('reason', '')}")
                 continue
-            speedup, memory = row.get("speedup_vs_eager", float("nan")), row.get("memory_ratio_vs_eager", float("nan"))
+            # Ratios only where eager was timed in this run.
+            speedup = f"{row['speedup_vs_eager']:7.2f}x" if "speedup_vs_eager" in row else f"{'-':>8s}"
+            memory = f"{row['memory_ratio_vs_eager']:6.1f}x" if "memory_ratio_vs_eager" in row else f"{'-':>7s}"
             print(
                 f"{name:10s} {row['median_ms']:10.2f} {row['tflops']:8.2f} {row['peak_bytes'] / 2**20:9.1f} "
-                f"{speedup:7.2f}x {memory:6.1f}x"
+                f"{speedup} {memory}"
             )
     result = dict(benchmark="lm_head", **env, config=config, runs=runs)
     write_result(result, "lm_head", args.out)

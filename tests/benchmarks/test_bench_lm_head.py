@@ -58,3 +58,13 @@ def test_writes_the_result_file(tmp_path):
             assert max(rows["cpp"]["max_rel_error_vs_eager"].values()) < 1e-4
         else:
             assert rows["cpp"]["status"] == "unavailable"
+
+
+def test_without_eager_the_ratios_are_absent_not_nan(tmp_path, capsys):
+    tiny = ["--device", "cpu", "--tokens", "32", "--batch", "2", "--d", "16", "--vocab", "301", "--repeats", "1"]
+    result = load().main([*tiny, "--warmup", "0", "--variants", "chunked", "--out", str(tmp_path / "r.json")])
+    printed = capsys.readouterr().out
+    assert "nan" not in printed.lower(), printed
+    for rows in result["runs"].values():
+        assert rows["chunked"]["status"] == "ok", rows
+        assert "speedup_vs_eager" not in rows["chunked"] and "memory_ratio_vs_eager" not in rows["chunked"]
