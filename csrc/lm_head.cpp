@@ -244,6 +244,9 @@ bool bf16_dot_fast() {
 
 constexpr int kTileRows = 12;  // 12 x 2 accumulators + 2 B vectors + 1 broadcast: 27 of the 32 zmm registers
 
+// n rounded up to whole tiles: the rows a tile-packed matrix of n rows holds (pack_tiles).
+constexpr int64_t whole_tiles(int64_t n) { return (n + kTileRows - 1) / kTileRows * kTileRows; }
+
 // The tile's element kinds. F32: one float per element, one FMA per product. Bf16Pairs: two bfloat16 of
 // consecutive k packed in one uint32 (low half first), and vdpbf16ps adds both products into an fp32 lane.
 struct F32 {
@@ -520,15 +523,19 @@ LTM_AVX512 void task_avx512(const typename E::Elem* H, const OperandA<typename E
 // The padding of the packed weight layouts: a whole number of AMX blocks (kAmxVocab).
 constexpr int64_t kPackedVocab = 256;
 
-// wv: the weight paired along the vocabulary, wv[q][k] = (W[2q][k], W[2q + 1][k]) for q < padded / 2, zero past
-// V; `padded` a multiple of kPackedVocab. The A operand of Bf16Pairs' dh GEMM and the B operand of AMX's.
+// (W[2q][k], W[2q + 1][k]) of the bf16 weight (V x d) as one pair, low half first; a row past V reads as zero.
+inline uint32_t vocab_pair(const uint16_t* W, int64_t V, int64_t d, int64_t q, int64_t k) {
+  const uint32_t lo16 = 2 * q < V ? W[2 * q * d + k] : 0, hi16 = 2 * q + 1 < V ? W[(2 * q + 1) * d + k] : 0;
+  return lo16 | (hi16 << 16);
+}
+
+// wv: the weight paired along the vocabulary, wv[q][k] = vocab_pair(q, k) for q < padded / 2; `padded` a
+// multiple of kPackedVocab. The B operand of AMX's dh GEMM.
 void pack_vocab_pairs(const uint16_t* W, int64_t V, int64_t d, int64_t padded, uint32_t* wv) {
   at::parallel_for(0, padded / kPackedVocab, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t q = lo * kPackedVocab / 2; q < hi * kPackedVocab / 2; ++q) {
-      const int64_t r0 = 2 * q;
       for (int64_t k = 0; k < d; ++k) {
-        const uint32_t lo16 = r0 < V ? W[r0 * d + k] : 0, hi16 = r0 + 1 < V ? W[(r0 + 1) * d + k] : 0;
-        wv[q * d + k] = lo16 | (hi16 << 16);
+        wv[q * d + k] = vocab_pair(W, V, d, q, k);
       }
     }
   });
@@ -815,18 +822,12 @@ bool lm_head_bf16(const at::Tensor& hidden, const at::Tensor& weight, const at::
     const int64_t dk = d / 2, pairs = (V + 1) / 2;
     const auto* h2 = reinterpret_cast<const uint32_t*>(h);
     const auto* w2 = reinterpret_cast<const uint32_t*>(w);
-    const auto tiled = [](int64_t n) { return (n + kTileRows - 1) / kTileRows * kTileRows; };
-    uint32_t* wl = scratch<uint32_t, 14>(tiled(V) * dk);  // W's rows as pairs along d
+    uint32_t* wl = scratch<uint32_t, 14>(whole_tiles(V) * dk);  // W's rows as pairs along d
     pack_tiles(V, dk, [&](int64_t v, int64_t k) { return w2[v * dk + k]; }, wl);
-    uint32_t* wd = compute_grad ? scratch<uint32_t, 12>(tiled(pairs) * d) : nullptr;  // W paired along the vocabulary
+    uint32_t* wd =
+        compute_grad ? scratch<uint32_t, 12>(whole_tiles(pairs) * d) : nullptr;  // W paired along the vocabulary
     if (compute_grad) {
-      pack_tiles(
-          pairs, d,
-          [&](int64_t q, int64_t k) {
-            const uint32_t lo16 = w[2 * q * d + k], hi16 = 2 * q + 1 < V ? w[(2 * q + 1) * d + k] : 0;
-            return lo16 | (hi16 << 16);
-          },
-          wd);
+      pack_tiles(pairs, d, [&](int64_t q, int64_t k) { return vocab_pair(w, V, d, q, k); }, wd);
     }
     for_each_task(M, plan.rows_per_task, [&](int64_t r0, int64_t rows) {
       task_avx512<Bf16Pairs>(h2 + r0 * dk, packed_logits_operand(wl, dk), packed_dh_operand(wd, d), w2, t + r0, rows, d,
@@ -923,7 +924,7 @@ const T* pack_weight(const Plan& plan, const T* W, int64_t V, int64_t d) {
 #if defined(__x86_64__)
   if constexpr (std::is_same_v<T, float>) {
     if (plan.engine == Engine::kAvx512) {
-      float* packed = scratch<float, 15>((V + kTileRows - 1) / kTileRows * kTileRows * d);
+      float* packed = scratch<float, 15>(whole_tiles(V) * d);
       pack_tiles(V, d, [&](int64_t v, int64_t k) { return W[v * d + k]; }, packed);
       return packed;
     }
